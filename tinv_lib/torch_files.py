@@ -30,6 +30,8 @@ class InertObject:
     `torch.nn.ParameterDict` of rinongal-era embeddings, pytorch-lightning callbacks in LDM
     `.ckpt` files). It only stores the pickled state, so `obj._parameters` etc. stay readable."""
 
+    dump_patches = False  # torch's legacy loader asks module classes for this
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.args = args
 
