@@ -1,0 +1,73 @@
+"""A1111-compatible hypernetworks: the modules, their `.pt` / `.optim` files, applying them to
+a diffusers UNet, and `<hypernet:name:multiplier>` prompt tags.
+
+* `module`: `HypernetworkModule`, `Hypernetwork`, `make_options`, `create_hypernetwork`.
+* `files`: `save_hypernetwork`, `load_hypernetwork`, `save_optimizer_sidecar`,
+  `load_optimizer_sidecar`.
+* `apply`: `context_widths` (default sizes), `apply_hypernetworks` / `install_hypernetworks`.
+* `prompt`: `parse_hypernet_tags`, `list_hypernetworks`, `extract_hypernetworks`.
+"""
+
+from tinv_lib.hypernetworks.apply import (
+    HypernetworkAttnProcessor,
+    apply_hypernetworks,
+    context_widths,
+    install_hypernetworks,
+)
+from tinv_lib.hypernetworks.files import (
+    SavedOptimizer,
+    hypernetwork_from_dict,
+    hypernetwork_to_dict,
+    load_hypernetwork,
+    load_optimizer_sidecar,
+    optimizer_sidecar_path,
+    save_hypernetwork,
+    save_optimizer_sidecar,
+)
+from tinv_lib.hypernetworks.module import (
+    ACTIVATIONS,
+    WEIGHT_INITS,
+    Hypernetwork,
+    HypernetworkModule,
+    HypernetworkOptions,
+    activation_names,
+    create_hypernetwork,
+    make_options,
+    parse_sizes,
+    sanitize_name,
+)
+from tinv_lib.hypernetworks.prompt import (
+    extract_hypernetworks,
+    list_hypernetworks,
+    parse_extra_networks,
+    parse_hypernet_tags,
+)
+
+__all__ = [
+    "ACTIVATIONS",
+    "WEIGHT_INITS",
+    "Hypernetwork",
+    "HypernetworkAttnProcessor",
+    "HypernetworkModule",
+    "HypernetworkOptions",
+    "SavedOptimizer",
+    "activation_names",
+    "apply_hypernetworks",
+    "context_widths",
+    "create_hypernetwork",
+    "extract_hypernetworks",
+    "hypernetwork_from_dict",
+    "hypernetwork_to_dict",
+    "install_hypernetworks",
+    "list_hypernetworks",
+    "load_hypernetwork",
+    "load_optimizer_sidecar",
+    "make_options",
+    "optimizer_sidecar_path",
+    "parse_extra_networks",
+    "parse_hypernet_tags",
+    "parse_sizes",
+    "sanitize_name",
+    "save_hypernetwork",
+    "save_optimizer_sidecar",
+]
