@@ -1,0 +1,1 @@
+"""The one training core shared by textual inversion and hypernetwork training."""
