@@ -1,0 +1,84 @@
+"""Creating a fresh embedding from init text, with A1111's rule (FORMATS.md §1.2).
+
+A1111 tokenizes the init text without special tokens, keeps at most `num_vectors` tokens, and
+fills row i with the token embedding of token `i · n_tokens // num_vectors`, so the init tokens
+are spread (or repeated) over the rows. Empty init text gives zero vectors. Copying the model's
+own rows is what makes an untrained embedding behave exactly like its init text in a prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from tinv_lib.embeddings.formats import SDXL_KEYS, Embedding
+from tinv_lib.errors import TinvError
+
+MAX_VECTORS = 75  # one 75-token prompt chunk
+
+
+def sanitize_name(name: str) -> str:
+    """A1111's embedding-name filter: alphanumerics plus `.`, `_`, `-` and space."""
+    cleaned = "".join(ch for ch in name if ch.isalnum() or ch in "._- ").strip()
+    if not cleaned:
+        raise TinvError(f"embedding name {name!r} has no usable characters (letters, digits, . _ - space)")
+    return cleaned
+
+
+def _as_list(items: Any) -> list:
+    return list(items) if isinstance(items, (list, tuple)) else [items]
+
+
+def init_vectors(tokenizer: Any, text_encoder: Any, init_text: str, num_vectors: int) -> torch.Tensor:
+    """`[num_vectors, width]` float32 rows for one text encoder, by A1111's spreading rule."""
+    weight = text_encoder.get_input_embeddings().weight
+    vectors = torch.zeros(num_vectors, weight.shape[1], dtype=torch.float32)
+    if not init_text.strip():
+        return vectors
+    ids = tokenizer(init_text, add_special_tokens=False)["input_ids"][:num_vectors]
+    if not ids:
+        raise TinvError(f"init text {init_text!r} gives no tokens")
+    rows = weight.detach()[torch.tensor(ids, device=weight.device)].to("cpu", torch.float32)
+    for index in range(num_vectors):
+        vectors[index] = rows[index * len(ids) // num_vectors]
+    return vectors
+
+
+def create_embedding_vectors(
+    tokenizers: Any | Sequence[Any], text_encoders: Any | Sequence[Any], init_text: str, num_vectors: int
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Initial vectors for a new embedding.
+
+    Pass one tokenizer and text encoder (SD1/SD2) to get a tensor `[num_vectors, width]`, or
+    both SDXL ones (`[pipe.tokenizer, pipe.tokenizer_2]`, `[pipe.text_encoder,
+    pipe.text_encoder_2]`) to get `{"clip_l": .., "clip_g": ..}`. Float32 on the CPU, detached:
+    the trainer makes its own trainable copy.
+    """
+    if not 1 <= num_vectors <= MAX_VECTORS:
+        raise TinvError(f"number of vectors must be between 1 and {MAX_VECTORS}, got {num_vectors}")
+    tokenizers, text_encoders = _as_list(tokenizers), _as_list(text_encoders)
+    if len(tokenizers) != len(text_encoders) or len(tokenizers) not in (1, 2):
+        raise TinvError("give one tokenizer and text encoder (SD1/SD2) or two of each (SDXL)")
+    rows = [init_vectors(tok, enc, init_text, num_vectors) for tok, enc in zip(tokenizers, text_encoders)]
+    return rows[0] if len(rows) == 1 else dict(zip(SDXL_KEYS, rows))
+
+
+def create_embedding(
+    name: str,
+    tokenizers: Any | Sequence[Any],
+    text_encoders: Any | Sequence[Any],
+    init_text: str = "*",
+    num_vectors: int = 1,
+    sd_checkpoint: str | None = None,
+    sd_checkpoint_name: str | None = None,
+) -> Embedding:
+    """A fresh (step 0) embedding named `name` (sanitized as A1111 does), ready to save or train."""
+    return Embedding(
+        name=sanitize_name(name),
+        vectors=create_embedding_vectors(tokenizers, text_encoders, init_text, num_vectors),
+        step=0,
+        sd_checkpoint=sd_checkpoint,
+        sd_checkpoint_name=sd_checkpoint_name,
+    )
