@@ -117,7 +117,7 @@ class HypernetworkOptions:
         if any(value <= 0 for value in structure):
             raise TinvError(f"layer structure {_fmt(structure)}: every width multiplier must be > 0")
         name = self.activation_func
-        if name is not None and name not in ACTIVATIONS:
+        if name is not None and (not isinstance(name, str) or name not in ACTIVATIONS):
             raise TinvError(
                 f"unknown activation function {name!r}; choose from {', '.join(activation_names())}"
             )
