@@ -1,0 +1,131 @@
+"""Command-line arguments shared by both trainers, and `--config FILE` (TOML or YAML).
+
+Flag names follow the diffusers examples where one exists. A config file may set any flag (its
+keys are the flag names without dashes); flags given on the command line override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tinv_lib.errors import TinvError
+from tinv_lib.training.data import BUILTIN_TEMPLATES
+
+
+class ArgumentError(TinvError):
+    """A flag or config file value is invalid."""
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--pretrained_model_name_or_path", help="diffusers folder, single .safetensors/.ckpt, or hub id (online only)")
+    group.add_argument("--model_config", help="config folder for a single-file checkpoint (any diffusers folder of the same architecture)")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, default_lr: str, default_template: str) -> None:
+    """Data, optimisation, outputs and resume: every flag both trainers share."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--train_data_dir", help="folder of training images (.txt caption sidecars optional)")
+    data.add_argument("--template_file", default=default_template,
+                      help=f"prompt template: a file path or one of {', '.join(BUILTIN_TEMPLATES)}")
+    data.add_argument("--filename_word_regex", default="", help="regex whose matches in a file name form its caption (A1111)")
+    data.add_argument("--filename_join_string", default=" ", help="joins the --filename_word_regex matches")
+    data.add_argument("--shuffle_tags", action="store_true", help="shuffle the caption's comma-separated tags")
+    data.add_argument("--tag_dropout", type=float, default=0.0, help="drop each caption tag with this probability")
+    data.add_argument("--resolution", type=int, default=512, help="training size (side of a square; area for buckets)")
+    data.add_argument("--aspect_mode", choices=["buckets", "crop", "stretch"], default="buckets",
+                      help="non-square images: aspect buckets, centre crop to a square, or stretch (A1111)")
+    data.add_argument("--flip_p", type=float, default=0.0, help="probability of a horizontal flip per sample")
+    data.add_argument("--use_alpha_as_loss_weight", action="store_true", help="PNG alpha channel weights the loss (A1111)")
+    data.add_argument("--latent_sampling", choices=["once", "deterministic", "random"], default="once",
+                      help="VAE posterior: one fixed sample, its mean, or a fresh sample every step")
+    data.add_argument("--latent_cache_dir", help="also keep the latent cache on disk here (reused across runs)")
+    data.add_argument("--offload_vae", action="store_true", help="keep the VAE on the CPU after caching; move it back only for previews")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--learning_rate", default=default_lr, help='a float or an A1111 schedule "0.005:100, 1e-3:1000, 1e-5"')
+    optim.add_argument("--lr_scheduler", default="constant", help="diffusers scheduler for a plain-float rate (constant, linear, cosine, ...)")
+    optim.add_argument("--lr_warmup_steps", type=int, default=0)
+    optim.add_argument("--train_batch_size", type=int, default=1, help="images per batch per process")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--max_train_steps", type=int, default=3000, help="optimizer steps (never exceeded, also when resuming)")
+    optim.add_argument("--max_grad_norm", help="clip the gradient norm (a float or schedule string), after unscaling")
+    optim.add_argument("--clip_grad_value", help="clip gradient values (a float or schedule string), after unscaling")
+    optim.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW")
+    optim.add_argument("--adam_beta1", type=float, default=0.9)
+    optim.add_argument("--adam_beta2", type=float, default=0.999)
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
+    optim.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    optim.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                       help="default: what `accelerate launch` / the accelerate config says")
+    optim.add_argument("--seed", type=int, default=0, help="seeds data order, noise, timesteps and previews")
+    optim.add_argument("--on_nan", choices=["stop", "rollback"], default="stop",
+                       help="non-finite loss: stop, or roll back to the last good state with half the learning rate")
+
+    out = parser.add_argument_group("outputs and resume")
+    out.add_argument("--output_dir", default="output", help="where every output of the run goes")
+    out.add_argument("--save_steps", type=int, default=500, help="intermediate file every N steps (0: off)")
+    out.add_argument("--save_optimizer_state", action="store_true", help="write A1111 .optim sidecars next to saved files")
+    out.add_argument("--validation_steps", type=int, default=500, help="preview images every N steps (0: off)")
+    out.add_argument("--validation_prompt", help="preview prompt (default: the first training prompt of the batch)")
+    out.add_argument("--validation_negative_prompt", default="")
+    out.add_argument("--validation_seed", type=int, default=None, help="fixed preview seed (default: the run seed plus the step)")
+    out.add_argument("--num_validation_images", type=int, default=1)
+    out.add_argument("--validation_num_inference_steps", type=int, default=20)
+    out.add_argument("--log_csv_steps", type=int, default=10, help="a loss CSV row every N steps")
+    out.add_argument("--report_to", choices=["tensorboard", "none"], default="tensorboard")
+    out.add_argument("--checkpointing_steps", type=int, default=500, help="resumable checkpoint every N steps (0: off)")
+    out.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
+    out.add_argument("--resume_from_checkpoint", help='"latest" or a checkpoint folder')
+    parser.add_argument("--config", help="TOML or YAML file of flag values (command-line flags win)")
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ArgumentError(f"--config {path}: {error.strerror}") from None
+    try:
+        if path.suffix.lower() == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as error:  # noqa: BLE001 - TOML and YAML parsers raise their own types
+        raise ArgumentError(f"--config {path}: cannot parse ({str(error).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ArgumentError(f"--config {path}: expected a table of flag values")
+    return data
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None, required: list[str]) -> argparse.Namespace:
+    """Parse `argv`, with defaults from `--config` when given; check `required` afterwards (so
+    they may come from the config file)."""
+    argv = sys.argv[1:] if argv is None else argv
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        values = _read_config(Path(first.config))
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(key for key in values if key.replace("-", "_") not in known)
+        if unknown:
+            raise ArgumentError(f"--config {first.config}: unknown setting(s) {', '.join(unknown)}")
+        parser.set_defaults(**{key.replace("-", "_"): value for key, value in values.items()})
+    args = parser.parse_args(argv)
+    missing = [f"--{name}" for name in required if getattr(args, name) in (None, "")]
+    if missing:
+        raise ArgumentError(f"missing required setting(s): {', '.join(missing)}")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "resolution"):
+        if getattr(args, name) < 1:
+            raise ArgumentError(f"--{name} must be a positive integer")
+    for name in ("save_steps", "validation_steps", "checkpointing_steps", "log_csv_steps"):
+        if getattr(args, name) < 0:
+            raise ArgumentError(f"--{name} must be 0 (off) or a positive integer")
+    if not 0.0 <= args.tag_dropout < 1.0 or not 0.0 <= args.flip_p <= 1.0:
+        raise ArgumentError("--tag_dropout must be in [0, 1) and --flip_p in [0, 1]")
+    args.learning_rate = str(args.learning_rate)
+    return args

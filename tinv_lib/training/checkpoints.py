@@ -1,0 +1,110 @@
+"""Training checkpoints: small, atomic, and enough for an exact resume.
+
+A checkpoint folder `checkpoint-<step>/` holds only what the run cannot recompute: the trainable
+tensors (kilobytes for an embedding, not the whole text encoder as in the diffusers example),
+the optimizer state (8-bit states included), the fp16 grad-scaler state and `state.json`
+(step, start step, what is trained). Data order, noise and the learning rate are functions of
+the step (see `tinv_lib.training.data`), so no RNG state is needed.
+
+A folder is written under a temporary name and renamed when complete, so `latest` never picks a
+half-written checkpoint, whatever moment the process is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tinv_lib.errors import TinvError
+from tinv_lib.torch_files import safe_torch_load, save_a1111_pt
+
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(TinvError):
+    """A checkpoint to resume from is missing or does not fit this run."""
+
+
+@dataclass
+class CheckpointState:
+    """What a checkpoint restores."""
+
+    step: int
+    start_step: int
+    kind: str
+    name: str
+    tensors: dict[str, torch.Tensor]
+    optimizer: dict
+    scaler: dict | None
+
+
+def save_checkpoint(output_dir: Path, state: CheckpointState, keep_last: int | None = None) -> Path:
+    """Write `output_dir/checkpoint-<step>` atomically; keep at most `keep_last` checkpoints."""
+    from safetensors.torch import save_file
+
+    final = output_dir / f"checkpoint-{state.step}"
+    partial = output_dir / f".checkpoint-{state.step}.partial-{os.getpid()}"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.tensors.items()}, str(partial / "trainable.safetensors"))
+    save_a1111_pt(state.optimizer, partial / "optimizer.pt")
+    if state.scaler is not None:
+        save_a1111_pt(state.scaler, partial / "scaler.pt")
+    meta = {"step": state.step, "start_step": state.start_step, "kind": state.kind, "name": state.name}
+    (partial / "state.json").write_text(json.dumps(meta, indent=1))
+    if final.exists():
+        stale = output_dir / f".checkpoint-{state.step}.stale-{os.getpid()}"
+        os.replace(final, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    os.replace(partial, final)
+    if keep_last:
+        for old in list_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if CHECKPOINT_NAME.match(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(CHECKPOINT_NAME.match(p.name)[1]))
+
+
+def resolve_checkpoint(argument: str, output_dir: Path) -> Path | None:
+    """`latest` (None when there is none yet: a fresh start) or an explicit folder."""
+    if argument == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(argument)
+    if not path.is_dir() and (output_dir / argument).is_dir():
+        path = output_dir / argument
+    if not (path / "state.json").is_file():
+        raise CheckpointError(f"--resume_from_checkpoint {argument}: not a checkpoint folder (no state.json)")
+    return path
+
+
+def load_checkpoint(path: Path, kind: str) -> CheckpointState:
+    """Read a checkpoint folder; refuse one written by the other trainer."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((path / "state.json").read_text())
+    if meta.get("kind") != kind:
+        raise CheckpointError(f"{path}: a {meta.get('kind')} checkpoint cannot resume {kind} training")
+    scaler_file = path / "scaler.pt"
+    return CheckpointState(
+        step=int(meta["step"]),
+        start_step=int(meta.get("start_step", 0)),
+        kind=kind,
+        name=meta.get("name", ""),
+        tensors=load_file(str(path / "trainable.safetensors")),
+        optimizer=safe_torch_load(path / "optimizer.pt"),
+        scaler=safe_torch_load(scaler_file) if scaler_file.is_file() else None,
+    )

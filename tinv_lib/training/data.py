@@ -1,0 +1,270 @@
+"""Training data: images, captions, prompt templates, buckets, cached latents, batch order.
+
+A1111 semantics (FORMATS.md §8.2-8.4): `.txt` caption sidecars read raw, otherwise the file
+stem without its leading `[-\\d]+\\s*` (or the `--filename_word_regex` words); template lines with
+`[name]` and `[filewords]` (tags joined by `','`), tag dropout and shuffle; latents encoded once
+and kept in RAM (`once` / `deterministic` / `random` sampling); PNG alpha as loss weight.
+Beyond A1111: non-square images go to aspect buckets (or are centre-cropped), flipping, and an
+optional on-disk latent cache.
+
+Everything random here is a pure function of `(seed, micro-batch index, sample position)`, so
+a resumed run sees exactly the batches, prompts, flips and latent samples of an uninterrupted one
+without saving any RNG state, and N processes see what one process with N times the batch sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from tinv_lib.errors import TinvError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+BUILTIN_TEMPLATES = sorted(p.stem for p in TEMPLATES_DIR.glob("*.txt"))
+FILENAME_PREFIX = re.compile(r"^[-\d]+\s*")
+
+
+class DatasetError(TinvError):
+    """The training data cannot be used as given."""
+
+
+# ------------------------------------------------------------------------------ text side
+
+
+def load_template(name_or_path: str) -> list[str]:
+    """Template lines from a built-in name (`subject`, `style_filewords`, ...) or a file path."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = TEMPLATES_DIR / f"{name_or_path.removesuffix('.txt')}.txt"
+    if not path.is_file():
+        raise DatasetError(
+            f"template {name_or_path!r} not found: give a file path or one of {', '.join(BUILTIN_TEMPLATES)}"
+        )
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise DatasetError(f"template {path} has no lines")
+    return lines
+
+
+def caption_for(image_path: Path, word_regex: str = "", join_string: str = " ") -> str:
+    """A1111's caption: the raw `.txt` sidecar, else words from the file name."""
+    sidecar = image_path.with_suffix(".txt")
+    if sidecar.is_file():
+        return sidecar.read_text(encoding="utf-8")
+    stem = FILENAME_PREFIX.sub("", image_path.stem)
+    if word_regex:
+        return join_string.join(re.findall(word_regex, stem))
+    return stem
+
+
+def build_prompt(
+    template: str, caption: str, placeholder: str, rng: random.Random, shuffle_tags: bool, tag_dropout: float
+) -> str:
+    """A1111 `create_text`: tags = caption split on ',', optional dropout then shuffle,
+    `[filewords]` = tags joined by ',' (no space added), `[name]` = the placeholder."""
+    tags = caption.split(",")
+    if tag_dropout > 0:
+        tags = [tag for tag in tags if rng.random() > tag_dropout]
+    if shuffle_tags:
+        rng.shuffle(tags)
+    return template.replace("[filewords]", ",".join(tags)).replace("[name]", placeholder)
+
+
+# ----------------------------------------------------------------------------- image side
+
+
+def bucket_size(width: int, height: int, resolution: int, multiple: int, mode: str) -> tuple[int, int]:
+    """Training size for an image: square for `crop`/`stretch`; for `buckets`, the size of
+    about `resolution²` pixels (sides multiples of `multiple`) closest in aspect ratio."""
+    if mode != "buckets" or width == height:
+        return resolution, resolution
+    aspect = width / height
+    best, best_error = (resolution, resolution), float("inf")
+    side = multiple
+    while side <= resolution * 2:
+        other = max(multiple, (resolution * resolution // side) // multiple * multiple)
+        for candidate in ((side, other), (other, side)):
+            error = abs(math.log(candidate[0] / candidate[1]) - math.log(aspect))
+            if error < best_error - 1e-9:
+                best, best_error = candidate, error
+        side += multiple
+    return best
+
+
+def _fit(image: Image.Image, size: tuple[int, int], mode: str) -> Image.Image:
+    """Resize to `size`: `stretch` ignores the aspect ratio (A1111); otherwise scale to cover
+    and crop the centre."""
+    if mode == "stretch":
+        return image.resize(size, Image.BICUBIC)
+    return ImageOps.fit(image, size, Image.BICUBIC, centering=(0.5, 0.5))
+
+
+def alpha_weight(alpha: Image.Image, latent_size: tuple[int, int]) -> torch.Tensor:
+    """A1111's loss weight from the alpha channel: resized to the latent grid, shifted to min 0
+    and scaled to mean 1 (all ones when the alpha is constant)."""
+    weight = torch.from_numpy(np.asarray(alpha.resize(latent_size, Image.BICUBIC), dtype=np.float32))
+    weight = weight - weight.min()
+    mean = weight.mean()
+    return weight / mean if mean > 0 else torch.ones_like(weight)
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
+@dataclass
+class TrainingImage:
+    """One training image after loading: where it came from, its caption and training size."""
+
+    path: Path
+    caption: str
+    size: tuple[int, int]
+    pixels: torch.Tensor  # [3, H, W] in [-1, 1]
+    weight: torch.Tensor | None  # [H/f, W/f] alpha loss weight, or None
+    latents: dict[bool, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # flip -> (mean, std)
+
+
+def load_images(
+    data_dir: Path, resolution: int, multiple: int, aspect_mode: str, use_alpha: bool, latent_factor: int,
+    word_regex: str = "", join_string: str = " ",
+) -> tuple[list[TrainingImage], list[str]]:
+    """Every readable image in `data_dir` (not recursive, sorted), and one line per skipped file."""
+    if not data_dir.is_dir():
+        raise DatasetError(f"--train_data_dir {data_dir}: no such folder")
+    images: list[TrainingImage] = []
+    skipped: list[str] = []
+    for path in sorted(data_dir.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
+            continue
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                image = ImageOps.exif_transpose(opened)
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            skipped.append(f"{path.name}: unreadable image ({type(error).__name__})")
+            continue
+        size = bucket_size(image.width, image.height, resolution, multiple, aspect_mode)
+        has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+        weight = None
+        if use_alpha and has_alpha:
+            alpha = _fit(image.convert("RGBA"), size, aspect_mode).getchannel("A")
+            weight = alpha_weight(alpha, (size[0] // latent_factor, size[1] // latent_factor))
+        pixels = _to_tensor(_fit(image.convert("RGB"), size, aspect_mode))
+        images.append(TrainingImage(path, caption_for(path, word_regex, join_string), size, pixels, weight))
+    if not images:
+        detail = f" ({len(skipped)} unreadable)" if skipped else ""
+        raise DatasetError(f"--train_data_dir {data_dir}: no usable images{detail}")
+    return images, skipped
+
+
+# ---------------------------------------------------------------------------- latents
+
+
+def _cache_key(image: TrainingImage, flip: bool, model_id: str) -> str:
+    stat = image.path.stat()
+    text = f"{image.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{image.size}|{flip}|{model_id}"
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@torch.no_grad()
+def encode_latents(
+    images: list[TrainingImage], vae, flips: tuple[bool, ...], device: torch.device, dtype: torch.dtype,
+    disk_cache: Path | None = None, model_id: str = "",
+) -> None:
+    """Encode every image (and its mirror when flipping is on) once; keep the posterior's mean
+    and std on the CPU. On-disk cache entries are keyed by file, size, flip and model."""
+    from safetensors.torch import load_file, save_file
+
+    from tinv_lib.atomic import atomic_path
+
+    for image in images:
+        for flip in flips:
+            cached = disk_cache / f"{_cache_key(image, flip, model_id)}.safetensors" if disk_cache else None
+            if cached is not None and cached.is_file():
+                loaded = load_file(str(cached))
+                image.latents[flip] = (loaded["mean"], loaded["std"])
+                continue
+            pixels = image.pixels.flip(-1) if flip else image.pixels
+            posterior = vae.encode(pixels[None].to(device, dtype)).latent_dist
+            mean, std = posterior.mean[0].float().cpu(), posterior.std[0].float().cpu()
+            image.latents[flip] = (mean, std)
+            if cached is not None:
+                with atomic_path(cached) as tmp:
+                    save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(tmp))
+
+
+def sample_latent(
+    mean: torch.Tensor, std: torch.Tensor, mode: str, once_noise: torch.Tensor, step_noise: torch.Tensor
+) -> torch.Tensor:
+    """`deterministic`: the mean; `once`: one fixed sample per image; `random`: a fresh sample."""
+    if mode == "deterministic":
+        return mean
+    return mean + std * (once_noise if mode == "once" else step_noise)
+
+
+# ---------------------------------------------------------------------------- batch order
+
+
+def seeded(*parts: int) -> int:
+    """A 63-bit seed from integers: independent streams per (seed, purpose, index, ...)."""
+    digest = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def epoch_batches(sizes: list[tuple[int, int]], batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """Same-size batches of `batch` images for one epoch (A1111 groups by size too).
+
+    Each size group is shuffled and cut into full batches (drop-last); the batches are then
+    shuffled. Deterministic from `(seed, epoch)`.
+    """
+    rng = random.Random(seeded(seed, 1, epoch))
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, size in enumerate(sizes):
+        groups.setdefault(size, []).append(index)
+    batches: list[list[int]] = []
+    for size in sorted(groups):
+        members = groups[size][:]
+        rng.shuffle(members)
+        batches += [members[i:i + batch] for i in range(0, len(members) - batch + 1, batch)]
+    rng.shuffle(batches)
+    return batches
+
+
+@dataclass
+class BatchPlan:
+    """Which global batch the `k`-th micro-batch of the run is.
+
+    A1111 drops micro-batches left over at an epoch's end when accumulating: an epoch gives
+    `(batches // accumulation) * accumulation` micro-batches.
+    """
+
+    sizes: list[tuple[int, int]]
+    global_batch: int
+    accumulation: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        count = len(epoch_batches(self.sizes, self.global_batch, self.seed, 0))
+        self.micro_batches_per_epoch = (count // self.accumulation) * self.accumulation
+        if self.micro_batches_per_epoch == 0:
+            raise DatasetError(
+                f"no image size has {self.global_batch} images for one batch "
+                f"(x{self.accumulation} accumulation): lower --train_batch_size or "
+                "--gradient_accumulation_steps, or use --aspect_mode crop"
+            )
+        self.steps_per_epoch = self.micro_batches_per_epoch // self.accumulation
+
+    def batch(self, micro_index: int) -> tuple[int, list[int]]:
+        """(epoch, image indices of the global batch) for micro-batch number `micro_index`."""
+        epoch, position = divmod(micro_index, self.micro_batches_per_epoch)
+        return epoch, epoch_batches(self.sizes, self.global_batch, self.seed, epoch)[position]

@@ -1,0 +1,91 @@
+"""What a run reports: progress bar, A1111 loss CSV, TensorBoard scalars and preview images.
+
+Only the main process writes. The CSV keeps A1111's columns (`step, epoch, epoch_step, loss,
+learn_rate`); on resume, rows after the resumed step (written before a kill) are dropped so the
+file reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+
+from tinv_lib.atomic import atomic_write_text
+
+CSV_COLUMNS = ["step", "epoch", "epoch_step", "loss", "learn_rate"]
+
+
+class RunLogger:
+    """Progress, CSV and TensorBoard for one run."""
+
+    def __init__(self, output_dir: Path, kind: str, args, is_main: bool, steps_per_epoch: int,
+                 resume_step: int | None = None):
+        self.active = is_main
+        self.steps_per_epoch = steps_per_epoch
+        self.csv_every = args.log_csv_steps
+        self.csv_path = output_dir / f"{kind}_loss.csv"
+        self.writer = None
+        self.bar = None
+        self.last_time = time.perf_counter()
+        self.window: list[float] = []
+        if not self.active:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.csv_path.is_file():
+            self._truncate_csv(resume_step)
+        if args.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(output_dir / "logs"))
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=args.max_train_steps, initial=resume_step or 0, desc=kind, dynamic_ncols=True)
+
+    def _truncate_csv(self, step: int) -> None:
+        rows = list(csv.reader(io.StringIO(self.csv_path.read_text())))
+        kept = [rows[0]] + [row for row in rows[1:] if row and int(row[0]) <= step]
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows(kept)
+        atomic_write_text(self.csv_path, buffer.getvalue())
+
+    def step(self, step: int, loss: float, rate: float, grad_norm: float) -> None:
+        """Record one optimizer step."""
+        if not self.active:
+            return
+        now = time.perf_counter()
+        speed = 1.0 / max(now - self.last_time, 1e-9)
+        self.last_time = now
+        self.window = (self.window + [loss])[-100:]
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rate:.3g}")
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss", loss, step)
+            self.writer.add_scalar("train/lr", rate, step)
+            self.writer.add_scalar("train/grad_norm", grad_norm, step)
+            self.writer.add_scalar("train/it_per_s", speed, step)
+        if self.csv_every and step % self.csv_every == 0:
+            new = not self.csv_path.is_file()
+            with open(self.csv_path, "a", newline="") as handle:
+                out = csv.writer(handle, lineterminator="\n")
+                if new:
+                    out.writerow(CSV_COLUMNS)
+                epoch, epoch_step = divmod(step - 1, self.steps_per_epoch)
+                out.writerow([step, epoch, epoch_step, f"{loss:.7f}", rate])
+
+    def images(self, step: int, pictures: list, prompt: str, seconds: float) -> None:
+        """Log preview images to TensorBoard."""
+        if not self.active or self.writer is None or not pictures:
+            return
+        import numpy as np
+
+        for index, picture in enumerate(pictures):
+            self.writer.add_image(f"preview/{index}", np.asarray(picture.convert("RGB")), step, dataformats="HWC")
+        self.writer.add_text("preview/prompt", prompt, step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
