@@ -53,6 +53,11 @@ from tinv_lib.image_ops import (
 
 CAPTION_OUTPUTS = ("txt", "filename")
 CAPTION_SUFFIX = ".txt"
+# reasons for skipping a source, as the summary counts them
+ALREADY_DONE = "already done"
+NOT_AN_IMAGE = "not an image"
+UNREADABLE = "unreadable"
+NO_AUTOSIZE = "no auto-size fits"
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,10 @@ class PreprocessOptions:
     batch_size: int = 8
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
 @dataclass
 class PreprocessSummary:
     """What one run did: files read, files written, and every skipped source with its reason."""
@@ -102,16 +111,10 @@ class PreprocessSummary:
         counts = Counter(reason for _, reason, _ in self.skipped)
         reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items()))
         text = (
-            f"preprocess: {self.read} files read, {self.images_written} images and "
-            f"{self.captions_written} captions written, {len(self.skipped)} skipped"
+            f"preprocess: {_count(self.read, 'file')} read, {_count(self.images_written, 'image')} and "
+            f"{_count(self.captions_written, 'caption')} written, {len(self.skipped)} skipped"
         )
         return text + (f" ({reasons})" if reasons else "")
-
-
-ALREADY_DONE = "already done"
-NOT_AN_IMAGE = "not an image"
-UNREADABLE = "unreadable image"
-NO_AUTOSIZE = "no auto-size fits"
 
 
 class SkipSource(Exception):
