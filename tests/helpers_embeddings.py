@@ -11,6 +11,7 @@ refuses to load.
 from __future__ import annotations
 
 import collections
+import functools
 import pickle
 import re
 import zipfile
@@ -122,3 +123,13 @@ def same_bits(a: torch.Tensor | dict, b: torch.Tensor | dict) -> bool:
     return a.dtype == b.dtype == torch.float32 and a.shape == b.shape and torch.equal(
         a.contiguous().view(torch.int32), b.contiguous().view(torch.int32)
     )
+
+
+@functools.cache
+def tiny_pipeline(arch: str):
+    """A tiny pipeline per architecture, built once per test session and shared by the
+    embedding/prompt/generation tests (which never modify it; tests that must modify one,
+    e.g. diffusers' `load_textual_inversion`, build their own)."""
+    from tinv_lib.tiny_models import build_tiny_pipeline
+
+    return build_tiny_pipeline(arch)
