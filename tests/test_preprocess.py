@@ -188,6 +188,22 @@ def test_autosize_and_focal_crop_through_the_pipeline(tmp_path: Path) -> None:
     assert [(name, reason) for name, reason, _ in summary.skipped] == [("strip.png", "no auto-size fits")]
 
 
+def test_existing_captions_carry_over_without_a_model(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (20, 20)).save(src / "a.png")
+    (src / "a.txt").write_text(" a black square\n", encoding="utf-8")
+    Image.new("RGB", (20, 20)).save(src / "b.png")
+    summary = preprocess_folder(PreprocessOptions(str(src), str(tmp_path / "dst"), 16, 16, flip=True,
+                                                  existing_caption="copy"))
+    assert summary.images_written == 4 and summary.captions_written == 2
+    for sub in (0, 1):
+        assert (tmp_path / "dst" / f"00000-{sub}-a.txt").read_text(encoding="utf-8") == "a black square"
+    assert not list((tmp_path / "dst").glob("*-b.txt"))  # no caption: no empty sidecar
+    summary = preprocess_folder(PreprocessOptions(str(src), str(tmp_path / "ign"), 16, 16))
+    assert summary.images_written == 2 and summary.captions_written == 0
+
+
 # ------------------------------------------------------------------------------------ user errors
 
 

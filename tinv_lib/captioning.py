@@ -137,13 +137,15 @@ class Captioner:
         from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
         from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()  # loading notes and bars would bury our own progress bar
-        hf_logging.disable_progress_bar()
         if settings.threads:
             torch.set_num_threads(settings.threads)
         device = settings.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        # loading notes and bars would bury our progress bar; restored afterwards
+        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
         try:
             processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
             model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True)
@@ -151,6 +153,10 @@ class Captioner:
             raise TinvError(
                 f"--caption_model {folder}: cannot load it as an image-to-text model ({_first_line(error)})"
             ) from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
         self.settings = settings
         self.pipe = pipeline("image-text-to-text", model=model.eval(), processor=processor, device=device)
 
