@@ -288,6 +288,14 @@ def test_damaged_text_chunk_falls_back_to_pixels(tmp_path):
     assert embedding.format == "png-pixels" and same_bits(embedding.vectors, sample_embedding("x").vectors)
 
 
+def test_lossless_webp_carries_the_pixel_blocks(tmp_path):
+    """WebP has no text chunks; A1111 reads such files from their pixels alone."""
+    Image.open(FIXTURES / "emb-2v768-text-and-pixels.png").save(tmp_path / "x.webp", lossless=True)
+    embedding = load_embedding(tmp_path / "x.webp")
+    assert embedding.format == "webp-pixels" and embedding.name == "fixture-emb-2v"
+    assert same_bits(embedding.vectors, expected("emb-2v768"))
+
+
 def test_unsupported_target_and_bad_vectors(tmp_path):
     with pytest.raises(TinvError, match="cannot write"):
         save_embedding(sample_embedding("x"), tmp_path / "x.ckpt")

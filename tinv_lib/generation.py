@@ -88,13 +88,15 @@ def generate(
     the embeddings used, notices (model mismatch, skipped extra networks) included.
     """
     notices: list[str] = []
+    encoder = encoder or PromptEncoder.from_pipeline(pipe, emphasis)
     if isinstance(embeddings, EmbeddingDatabase):
+        if embeddings.expected_dim is None:  # never let a wrong-width file reach the encoder
+            embeddings.set_model(encoder.expected_dim, embeddings.model_hashes, embeddings.model_name)
         before = len(embeddings.notices)
         embeddings.refresh()
         notices += embeddings.notices[before:]
     text, tags = parse_extra_networks(prompt)
     handlers = extra_networks or {}
-    encoder = encoder or PromptEncoder.from_pipeline(pipe, emphasis)
     with torch.no_grad(), contextlib.ExitStack() as active:
         for kind, args in tags.items():
             if kind in handlers:
