@@ -35,3 +35,22 @@ def tiny_sd2_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_sdxl_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SDXL diffusers folder (seed 0)."""
     return _saved_tiny(tmp_path_factory, "sdxl")
+
+
+@pytest.fixture(scope="session")
+def training_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four 64x64 training images: two captioned by `.txt` sidecars (comma tags), two by name."""
+    from PIL import Image, ImageDraw
+
+    folder = tmp_path_factory.mktemp("train-data")
+    drawings = [("red", "circle"), ("blue", "square"), ("green", "circle"), ("yellow", "square")]
+    for index, (colour, shape) in enumerate(drawings):
+        image = Image.new("RGB", (64, 64), "white")
+        draw = ImageDraw.Draw(image)
+        box = [12 + 4 * index, 14, 50, 50 - 2 * index]
+        (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=colour)
+        stem = f"{index:05d}-0-a {colour} {shape}"
+        image.save(folder / f"{stem}.png")
+        if index < 2:
+            (folder / f"{stem}.txt").write_text(f"{colour}, {shape}, white background", encoding="utf-8")
+    return folder

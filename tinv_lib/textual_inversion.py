@@ -58,7 +58,10 @@ class TextualInversionTask:
 
     # -- set-up
     def setup(self, family, model_info, args, device: torch.device) -> int:
+        from tinv_lib.prompt_encoding import PromptEncoder
+
         self.family, self.model_info = family, model_info
+        self.prompt_encoder = PromptEncoder.from_pipeline(family.pipe)
         step = 0
         if args.resume_from_embedding:
             embedding = load_embedding(args.resume_from_embedding)
@@ -106,9 +109,8 @@ class TextualInversionTask:
         return Embedding(self.name, vectors, step, self.model_info.short_hash or None, self.model_info.name)
 
     def conditioning(self, prompts: list[str]):
-        from tinv_lib.prompt_encoding import encode_prompts
-
-        return encode_prompts(self.family.pipe, prompts, {self.name: self.current_embedding()})
+        encoded = self.prompt_encoder.encode(prompts, {self.name: self.current_embedding()})
+        return encoded.embeds, encoded.pooled
 
     def check_prompts(self, prompts: list[str]) -> None:
         """A dataset whose prompts never contain the embedding's name would train nothing."""

@@ -70,6 +70,17 @@ def save_checkpoint(output_dir: Path, state: CheckpointState, keep_last: int | N
     return final
 
 
+def remove_partial_files(output_dir: Path) -> None:
+    """Delete what a killed run left half-written (temporary files and checkpoint folders)."""
+    if not output_dir.is_dir():
+        return
+    for path in output_dir.rglob(".*"):
+        if path.is_dir() and ".partial-" in path.name or ".stale-" in path.name:
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_file() and path.name.endswith(".tmp"):
+            path.unlink(missing_ok=True)
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoint folders, oldest first."""
     if not output_dir.is_dir():

@@ -126,6 +126,8 @@ def train(args, task: TrainingTask) -> int:
     weight_dtype = _weight_dtype(accelerator.mixed_precision)
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        ckpt.remove_partial_files(output_dir)
 
     # ---- model: everything frozen; trainables come from the task
     pipe, model_info = load_base_model(args.pretrained_model_name_or_path, args.model_config)
@@ -134,10 +136,9 @@ def train(args, task: TrainingTask) -> int:
     for module in [family.unet, family.vae, *family.text_encoders]:
         module.requires_grad_(False)
         module.eval()
-    family.unet.to(device, weight_dtype)
-    for encoder in family.text_encoders:
-        encoder.to(device, weight_dtype)
-    family.vae.to(device, torch.float32)
+    for module in [family.unet, *family.text_encoders]:
+        module.to(device) if weight_dtype == torch.float32 else module.to(device, weight_dtype)
+    family.vae.to(device)
     if args.gradient_checkpointing:
         family.unet.enable_gradient_checkpointing()
         family.unet.train()  # diffusers checkpoints only in training mode; its dropout is 0
@@ -295,11 +296,10 @@ def train(args, task: TrainingTask) -> int:
 
     task.set_training(False)
     if exit_code != EXIT_NAN and is_main:
-        task.save_files(output_dir, step, final=True, optimizer_state=_optim_state(args, optimizer))
+        written = task.save_files(output_dir, step, final=True, optimizer_state=_optim_state(args, optimizer))
         if exit_code:
             print(f"Training interrupted at step {step}; resume with --resume_from_checkpoint latest")
-        else:
-            print(f"Training finished at step {step}: {output_dir / task.name}.pt / .safetensors")
+        print(f"Saved step {step}: {', '.join(str(path) for path in written)}")
     logger.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()

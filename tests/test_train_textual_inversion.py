@@ -1,0 +1,221 @@
+"""train_textual_inversion.py on tiny models: frozen vocabulary, learning, exact resume, signals."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinv_lib.embeddings.formats import load_embedding
+from tinv_lib.models import load_base_model
+from tinv_lib.textual_inversion import TextualInversionTask, main, parse_args
+from tinv_lib.training.checkpoints import list_checkpoints
+from tinv_lib.training.loop import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
+        "--placeholder_token", "my-thing", "--initializer_token", "a red tree", "--num_vectors", "3",
+        "--resolution", "64", "--validation_steps", "0", "--report_to", "none", *extra,
+    ]
+
+
+def _frozen_state(pipe) -> dict[str, torch.Tensor]:
+    modules = {"unet": pipe.unet, "vae": pipe.vae, "te": pipe.text_encoder, "te2": getattr(pipe, "text_encoder_2", None)}
+    return {f"{name}.{key}": value.clone() for name, module in modules.items() if module is not None
+            for key, value in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_only_the_new_vectors_train(arch, request, training_images, tmp_path):
+    model = request.getfixturevalue(f"tiny_{arch}_path")
+    before = _frozen_state(load_base_model(model)[0])
+    args = parse_args(_argv(model, training_images, tmp_path, "--max_train_steps", "4", "--learning_rate", "0.05",
+                            "--checkpointing_steps", "0", "--save_steps", "0"))
+    task = TextualInversionTask(args)
+    assert train(args, task) == 0
+    after = _frozen_state(task.family.pipe)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[key], after[key].cpu()) for key in before), "a frozen weight changed"
+    widths = task.family.widths
+    assert [tuple(p.shape) for p in task.parameters()] == [(3, width) for width in widths]
+    assert sum(p.numel() for p in task.parameters()) == 3 * sum(widths)
+    saved = load_embedding(tmp_path / "my-thing.safetensors")
+    if arch == "sdxl":
+        assert set(saved.vectors) == {"clip_l", "clip_g"}
+        assert saved.dim == {"clip_l": 32, "clip_g": 48}
+    else:
+        assert tuple(saved.vectors.shape) == (3, 32)
+    assert saved.step == 4 and saved.sd_checkpoint == task.model_info.short_hash
+
+
+def test_fixed_batch_loss_drops_after_100_steps(tiny_sd1_path, training_images, tmp_path):
+    from tinv_lib.training.data import load_images
+    from tinv_lib.training.evaluation import fixed_batch_loss
+
+    args = parse_args(_argv(tiny_sd1_path, training_images, tmp_path, "--max_train_steps", "100",
+                            "--learning_rate", "0.02", "--checkpointing_steps", "0", "--save_steps", "0",
+                            "--template_file", "subject", "--train_batch_size", "4"))
+    task = TextualInversionTask(args)
+    images, _ = load_images(training_images, 64, 16, "buckets", False, 8)
+    pixels = torch.stack([image.pixels for image in images])
+    prompts = ["a photo of my-thing"] * len(images)
+
+    def loss_now() -> float:
+        def conditioning(texts):
+            encoded = task.prompt_encoder.encode(texts, {task.name: task.current_embedding()})
+            return encoded.embeds, encoded.pooled
+        return fixed_batch_loss(task.family, pixels, conditioning, prompts, seed=123, repeats=8)
+
+    from tinv_lib import training
+
+    original_setup = TextualInversionTask.setup
+    losses = {}
+
+    def setup_and_measure(self, *a, **k):
+        step = original_setup(self, *a, **k)
+        losses["start"] = loss_now()
+        return step
+
+    TextualInversionTask.setup = setup_and_measure
+    try:
+        assert train(args, task) == 0
+    finally:
+        TextualInversionTask.setup = original_setup
+    losses["end"] = loss_now()
+    print(f"fixed-batch loss: step 0 {losses['start']:.5f} -> step 100 {losses['end']:.5f}")
+    assert losses["end"] < losses["start"]
+    assert training  # the package is importable on its own
+
+
+# ---------------------------------------------------------------- resume, kills and signals
+
+RESUME_FLAGS = ("--max_train_steps", "12", "--gradient_accumulation_steps", "2", "--use_8bit_adam",
+                "--shuffle_tags", "--train_batch_size", "2", "--checkpointing_steps", "4", "--save_steps", "4",
+                "--learning_rate", "0.01", "--seed", "7")
+
+
+def _run(argv: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "train_textual_inversion.py"), *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _wait_for_checkpoint(out: Path, process: subprocess.Popen, timeout: float = 120) -> Path:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = list_checkpoints(out)
+        if found:
+            return found[-1]
+        if process.poll() is not None:
+            raise AssertionError(process.stdout.read())
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+def _vectors(path: Path) -> torch.Tensor:
+    return load_embedding(path).vectors
+
+
+def _assert_every_file_is_whole(out: Path) -> None:
+    """After a kill: every embedding and checkpoint that exists under its final name loads."""
+    from tinv_lib.training.checkpoints import load_checkpoint
+
+    for path in list(out.glob("*.pt")) + list(out.glob("embeddings/*.pt")) + list(out.glob("*.safetensors")):
+        assert not path.name.startswith(".")
+        load_embedding(path)
+    for checkpoint in list_checkpoints(out):
+        load_checkpoint(checkpoint, "textual_inversion")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_sd1_path, training_images, tmp_path_factory) -> torch.Tensor:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    process = _run(_argv(tiny_sd1_path, training_images, out, *RESUME_FLAGS))
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    return _vectors(out / "my-thing.pt")
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(uninterrupted, tiny_sd1_path, training_images, tmp_path):
+    argv = _argv(tiny_sd1_path, training_images, tmp_path, *RESUME_FLAGS)
+    process = _run(argv)
+    _wait_for_checkpoint(tmp_path, process)
+    time.sleep(0.3)  # let it run on into the next steps before the kill
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    _assert_every_file_is_whole(tmp_path)
+    killed_at = int(list_checkpoints(tmp_path)[-1].name.split("-")[1])
+    assert killed_at < 12
+    resumed = _run([*argv, "--resume_from_checkpoint", "latest"])
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    assert torch.allclose(_vectors(tmp_path / "my-thing.pt"), uninterrupted, atol=1e-6, rtol=0)
+    assert load_embedding(tmp_path / "my-thing.pt").step == 12
+    # Resuming a finished run trains nothing more: never past --max_train_steps.
+    again = _run([*argv, "--resume_from_checkpoint", "latest"])
+    output, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, output
+    assert load_embedding(tmp_path / "my-thing.pt").step == 12
+    assert not (tmp_path / "checkpoint-13").exists()
+    assert torch.allclose(_vectors(tmp_path / "my-thing.pt"), uninterrupted, atol=1e-6, rtol=0)
+
+
+def test_sigterm_saves_and_resume_continues(uninterrupted, tiny_sd1_path, training_images, tmp_path):
+    argv = _argv(tiny_sd1_path, training_images, tmp_path, *RESUME_FLAGS)
+    process = _run(argv)
+    _wait_for_checkpoint(tmp_path, process)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 143, output
+    assert "interrupted at step" in output
+    stopped = load_embedding(tmp_path / "my-thing.pt").step
+    assert 4 <= stopped < 12
+    assert list_checkpoints(tmp_path)[-1].name == f"checkpoint-{stopped}"
+    resumed = _run([*argv, "--resume_from_checkpoint", "latest"])
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    assert f"steps {stopped} -> 12" in output
+    assert torch.allclose(_vectors(tmp_path / "my-thing.pt"), uninterrupted, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_prompts_without_placeholder_fail_before_step_one(tiny_sd1_path, training_images, tmp_path, capsys):
+    code = main(_argv(tiny_sd1_path, training_images, tmp_path, "--template_file", "none", "--max_train_steps", "2"))
+    out = capsys.readouterr().out
+    assert code == 2 and "no training prompt contains the placeholder 'my-thing'" in out
+    assert not (tmp_path / "my-thing.pt").exists()
+
+
+def test_nan_loss_stops_without_saving_a_nan_embedding(tiny_sd1_path, training_images, tmp_path, capsys):
+    code = main(_argv(tiny_sd1_path, training_images, tmp_path, "--learning_rate", "1e30", "--max_train_steps", "6",
+                      "--save_steps", "1", "--checkpointing_steps", "0"))
+    out = capsys.readouterr().out
+    assert code == 3, out
+    assert "learning rate" in out and "error: loss became" in out
+    assert not (tmp_path / "my-thing.pt").exists()
+    for path in (tmp_path / "embeddings").glob("*.pt"):
+        assert torch.isfinite(_vectors(path)).all()
+
+
+def test_config_file_supplies_flags_and_command_line_wins(tiny_sd1_path, training_images, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'pretrained_model_name_or_path = "{tiny_sd1_path}"\ntrain_data_dir = "{training_images}"\n'
+        'placeholder_token = "from-config"\nmax_train_steps = 99\nlearning_rate = "0.001:5, 0.0001"\n'
+    )
+    args = parse_args(["--config", str(config), "--max_train_steps", "3"])
+    assert args.placeholder_token == "from-config" and args.max_train_steps == 3
+    assert args.learning_rate == "0.001:5, 0.0001"
+    yaml_config = tmp_path / "run.yaml"
+    yaml_config.write_text("placeholder_token: other\nbogus_flag: 1\n")
+    with pytest.raises(Exception, match="unknown setting"):
+        parse_args(["--config", str(yaml_config)])
