@@ -25,6 +25,7 @@ import torch
 
 from tinv_lib.errors import TinvError
 from tinv_lib.prompts import (
+    CHUNK_LENGTH,
     COMMA_BACKTRACK,
     EMPHASIS_MODES,
     ChunkRules,
@@ -105,7 +106,7 @@ class _Encoder:
             start_id=tokenizer.bos_token_id,
             end_id=end_id,
             comma_id=tokenizer.get_vocab().get(",</w>"),
-            vectors_of=lambda embedding: min(embedding.vector_count, self.rules.chunk_length),
+            vectors_of=lambda embedding: min(embedding.vector_count, CHUNK_LENGTH),
             comma_backtrack=comma_backtrack,
         )
 

@@ -98,7 +98,7 @@ class EmbeddingLookup:
     """
 
     def __init__(self, embeddings: Mapping[str, Any], tokenize: Callable[[list[str]], list[list[int]]]) -> None:
-        entries = [emb for emb in (embeddings[name] for name in embeddings)]
+        entries = [embeddings[name] for name in embeddings]
         id_lists = tokenize([emb.name for emb in entries]) if entries else []
         self._by_first: dict[int, list[tuple[tuple[int, ...], Any]]] = {}
         for ids, embedding in zip(id_lists, entries):

@@ -65,7 +65,8 @@ def convert_file(source: str, target: str, name: str | None, image: str | None, 
         from PIL import Image
 
         try:
-            options["image"] = Image.open(image).convert("RGB")
+            with Image.open(image) as picture:
+                options["image"] = picture.convert("RGB")
         except OSError as error:
             raise TinvError(f"{image}: not a readable image ({error})") from None
     save_embedding(embedding, target_path, **options)

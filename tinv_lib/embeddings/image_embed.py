@@ -340,12 +340,12 @@ def load_image_embedding(path: str | os.PathLike) -> Embedding:
     if path.stem.lower().endswith(".preview"):
         raise NotAnEmbeddingError(f"{path}: a preview thumbnail, not an embedding")
     try:
-        image = Image.open(path)
-        image.load()
+        with Image.open(path) as opened:
+            text = dict(getattr(opened, "text", None) or {})
+            kind = opened.format.lower() if opened.format else path.suffix[1:].lower()
+            image = opened.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise FileFormatError(f"{path}: not a readable image ({str(error).splitlines()[0]})") from None
-    text = getattr(image, "text", None) or {}
-    kind = image.format.lower() if image.format else path.suffix[1:].lower()
     text_error: FileFormatError | None = None
     if TEXT_CHUNK_KEY in text:
         try:
