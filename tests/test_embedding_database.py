@@ -139,3 +139,12 @@ def test_realistic_sizes_and_image_names(tmp_path):
     db.set_model({"clip_l": 768, "clip_g": 1280})
     db.refresh()
     assert list(db) == ["xl"] and db["xl"].step == 1234
+
+
+def test_symlinked_folders_are_followed_once(tmp_path):
+    save_embedding(small("linked"), tmp_path / "real" / "linked.pt")
+    (tmp_path / "real" / "loop").symlink_to(tmp_path, target_is_directory=True)  # a cycle
+    (tmp_path / "alias").symlink_to(tmp_path / "real", target_is_directory=True)
+    db = EmbeddingDatabase(tmp_path, expected_dim=32)
+    db.refresh()
+    assert list(db) == ["linked"] and not db.skipped

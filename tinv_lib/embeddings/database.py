@@ -138,8 +138,14 @@ class EmbeddingDatabase(Mapping[str, Embedding]):
     def _walk(self) -> dict[Path, tuple[int, int, int]]:
         """Every candidate file under the folders with its current signature."""
         found: dict[Path, tuple[int, int, int]] = {}
+        visited: set[str] = set()
         for folder in self.folders:
             for root, dirs, files in os.walk(folder, followlinks=True):
+                real = os.path.realpath(root)
+                if real in visited:  # a symlinked folder seen before (or a link cycle)
+                    dirs.clear()
+                    continue
+                visited.add(real)
                 dirs.sort()
                 for file_name in sorted(files):
                     path = Path(root) / file_name
