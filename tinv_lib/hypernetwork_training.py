@@ -138,10 +138,10 @@ class HypernetworkTask:
     def preview(self, family, prompt: str, negative: str, seed: int, steps: int, size: tuple[int, int],
                 output_dir: Path, step: int, count: int) -> list:
         """Preview images with the hypernetwork at multiplier 1 (it is installed on the UNet)."""
-        from tinv_lib.generation import generate_images
+        from tinv_lib.generation import generate
 
-        pictures = generate_images(family.pipe, prompt, negative, seed=seed, steps=steps, width=size[0],
-                                   height=size[1], count=count)
+        pictures = generate(family.pipe, prompt, negative, seed=seed, steps=steps, width=size[0], height=size[1],
+                            batch_size=count, encoder=self.prompt_encoder).images
         for index, picture in enumerate(pictures):
             suffix = "" if index == 0 else f"-{index}"
             target = output_dir / "images" / f"{self.name}-{step}{suffix}.png"

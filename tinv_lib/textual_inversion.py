@@ -155,19 +155,19 @@ class TextualInversionTask:
         """Preview images (`images/<name>-<step>.png`) and PNG embeddings carrying the current
         vectors on the first preview (`image_embeddings/<name>-<step>.png`)."""
         from tinv_lib.embeddings.image_embed import save_png_embedding
-        from tinv_lib.generation import generate_images
+        from tinv_lib.generation import generate
 
         embedding = self.current_embedding(step)
         embedding.vectors = _detached(embedding.vectors)
-        pictures = generate_images(family.pipe, prompt, negative, seed=seed, steps=steps, width=size[0],
-                                   height=size[1], count=count, embeddings={self.name: embedding})
+        pictures = generate(family.pipe, prompt, negative, seed=seed, steps=steps, width=size[0], height=size[1],
+                            batch_size=count, embeddings={self.name: embedding}, encoder=self.prompt_encoder).images
         for index, picture in enumerate(pictures):
             suffix = "" if index == 0 else f"-{index}"
             target = output_dir / "images" / f"{self.name}-{step}{suffix}.png"
             target.parent.mkdir(parents=True, exist_ok=True)
             picture.save(target)
         embedding.name = f"{self.name}-{step}"
-        save_png_embedding(embedding, output_dir / "image_embeddings" / f"{self.name}-{step}.png", picture=pictures[0])
+        save_png_embedding(embedding, output_dir / "image_embeddings" / f"{self.name}-{step}.png", image=pictures[0])
         return pictures
 
 

@@ -215,6 +215,7 @@ def train(args, task: TrainingTask) -> int:
             loss_sum, last_prompts = 0.0, []
             for micro in range(args.gradient_accumulation_steps):
                 k = step * args.gradient_accumulation_steps + micro
+                torch.manual_seed(seeded(args.seed, 7, k, rank))  # dropout et al.: a function of the step too
                 epoch, members = plan.batch(k)
                 mine = list(enumerate(members))[rank * batch:(rank + 1) * batch]
                 latents, noises, timesteps, prompts, weights = [], [], [], [], []
