@@ -115,11 +115,16 @@ def _mix_across_processes(accelerator, params, loss_sum: float, bad: bool, stop:
 def train(args, task: TrainingTask) -> int:
     """Run a whole training job; return the process exit code (0 when finished)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
 
     from tinv_lib.model_family import family_of
     from tinv_lib.models import load_base_model
 
+    # Accelerate keeps its precision settings in process-wide singletons: clear them so a second
+    # run in the same process (tests, notebooks) follows its own flags and environment.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     is_main = accelerator.is_main_process
     device = accelerator.device
