@@ -18,6 +18,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -112,8 +113,11 @@ def _mix_across_processes(accelerator, params, loss_sum: float, bad: bool, stop:
     return flags[0].item() / world, flags[1].item() > 0, flags[2].item() > 0
 
 
-def train(args, task: TrainingTask) -> int:
-    """Run a whole training job; return the process exit code (0 when finished)."""
+def train(args, task: TrainingTask, on_step: Callable[[int], None] | None = None) -> int:
+    """Run a whole training job; return the process exit code (0 when finished).
+
+    `on_step(step)` is called after every optimizer step (benchmarks time the steps with it).
+    """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
@@ -285,6 +289,8 @@ def train(args, task: TrainingTask) -> int:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             logger.step(step, loss_value, rate * lr_multiplier, grad_norm)
+            if on_step is not None:
+                on_step(step)
 
             final_step = step >= end_step or stop
             if args.save_steps and step % args.save_steps == 0 and not final_step and is_main:
