@@ -219,3 +219,18 @@ def test_config_file_supplies_flags_and_command_line_wins(tiny_sd1_path, trainin
     yaml_config.write_text("placeholder_token: other\nbogus_flag: 1\n")
     with pytest.raises(Exception, match="unknown setting"):
         parse_args(["--config", str(yaml_config)])
+
+
+def test_nan_rollback_returns_to_the_last_checkpoint_then_gives_up(tiny_sd1_path, training_images, tmp_path, capsys):
+    code = main(_argv(tiny_sd1_path, training_images, tmp_path, "--learning_rate", "0.001:3, 1e30:4, 0.001",
+                      "--max_train_steps", "6", "--checkpointing_steps", "3", "--save_steps", "0", "--on_nan", "rollback"))
+    out = capsys.readouterr().out
+    assert out.count("rolled back to step 3, learning rate now x") == 10
+    assert code == 3 and "rolled back 10 times" in out
+    assert torch.isfinite(load_embedding_vectors(tmp_path / "checkpoint-3")).all()
+
+
+def load_embedding_vectors(checkpoint: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(checkpoint / "trainable.safetensors"))["emb_params"]

@@ -41,6 +41,7 @@ from tinv_lib.training.lr_schedule import ScheduleString, build_schedule
 from tinv_lib.training.signals import StopRequest
 
 EXIT_NAN = 3
+MAX_ROLLBACKS = 10  # with --on_nan rollback: give up after this many (e.g. NaN in the data itself)
 
 
 class TrainingStopped(TinvError):
@@ -212,7 +213,7 @@ def train(args, task: TrainingTask, on_step: Callable[[int], None] | None = None
     # ---- the loop
     stop_request = StopRequest()
     snapshot = (task_step, {k: v.clone() for k, v in task.state_tensors().items()}, copy.deepcopy(optimizer.state_dict()))
-    lr_multiplier = 1.0
+    lr_multiplier, rollbacks = 1.0, 0
     step = task_step
     exit_code = 0
     task.set_training(True)
@@ -262,10 +263,12 @@ def train(args, task: TrainingTask, on_step: Callable[[int], None] | None = None
             loss_value, bad, stop = _mix_across_processes(accelerator, params, loss_sum, bad, stop_request.requested)
             if bad:
                 optimizer.zero_grad(set_to_none=True)
-                if args.on_nan == "stop":
+                rollbacks += 1
+                if args.on_nan == "stop" or rollbacks > MAX_ROLLBACKS:
                     exit_code = EXIT_NAN
                     message = (f"loss became {loss_value} at step {step}: the learning rate ({rate}) is likely too high"
                                f"{', or fp16 overflowed (try --mixed_precision bf16 or no)' if weight_dtype == torch.float16 else ''}; "
+                               f"{'rolled back ' + str(MAX_ROLLBACKS) + ' times; ' if rollbacks > 1 else ''}"
                                "stopped without saving over the last good files")
                     if is_main:
                         print(f"error: {message}")
