@@ -139,14 +139,11 @@ class HypernetworkTask:
                 output_dir: Path, step: int, count: int) -> list:
         """Preview images with the hypernetwork at multiplier 1 (it is installed on the UNet)."""
         from tinv_lib.generation import generate
+        from tinv_lib.training.loop import save_previews
 
         pictures = generate(family.pipe, prompt, negative, seed=seed, steps=steps, width=size[0], height=size[1],
                             batch_size=count, encoder=self.prompt_encoder).images
-        for index, picture in enumerate(pictures):
-            suffix = "" if index == 0 else f"-{index}"
-            target = output_dir / "images" / f"{self.name}-{step}{suffix}.png"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            picture.save(target)
+        save_previews(pictures, output_dir, self.name, step)
         return pictures
 
 
@@ -158,14 +155,6 @@ def _stack_padded(items: list[torch.Tensor]) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `train_hypernetwork.py`."""
-    from tinv_lib.training.loop import TrainingStopped, train
+    from tinv_lib.training.loop import run_script
 
-    try:
-        args = parse_args(argv)
-        return train(args, HypernetworkTask(args))
-    except TrainingStopped as stopped:
-        print(f"error: {stopped}")
-        return stopped.exit_code
-    except TinvError as error:
-        print(f"error: {error}")
-        return 2
+    return run_script(parse_args, HypernetworkTask, argv)

@@ -156,16 +156,13 @@ class TextualInversionTask:
         vectors on the first preview (`image_embeddings/<name>-<step>.png`)."""
         from tinv_lib.embeddings.image_embed import save_png_embedding
         from tinv_lib.generation import generate
+        from tinv_lib.training.loop import save_previews
 
         embedding = self.current_embedding(step)
         embedding.vectors = _detached(embedding.vectors)
         pictures = generate(family.pipe, prompt, negative, seed=seed, steps=steps, width=size[0], height=size[1],
                             batch_size=count, embeddings={self.name: embedding}, encoder=self.prompt_encoder).images
-        for index, picture in enumerate(pictures):
-            suffix = "" if index == 0 else f"-{index}"
-            target = output_dir / "images" / f"{self.name}-{step}{suffix}.png"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            picture.save(target)
+        save_previews(pictures, output_dir, self.name, step)
         embedding.name = f"{self.name}-{step}"
         save_png_embedding(embedding, output_dir / "image_embeddings" / f"{self.name}-{step}.png", image=pictures[0])
         return pictures
@@ -179,14 +176,6 @@ def _detached(vectors):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `train_textual_inversion.py`."""
-    from tinv_lib.training.loop import TrainingStopped, train
+    from tinv_lib.training.loop import run_script
 
-    try:
-        args = parse_args(argv)
-        return train(args, TextualInversionTask(args))
-    except TrainingStopped as stopped:
-        print(f"error: {stopped}")
-        return stopped.exit_code
-    except TinvError as error:
-        print(f"error: {error}")
-        return 2
+    return run_script(parse_args, TextualInversionTask, argv)

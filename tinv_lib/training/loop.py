@@ -353,3 +353,24 @@ def _preview(args, task, family, training_prompt: str, step: int, output_dir: Pa
         task.set_training(True)
         if args.offload_vae:
             family.vae.to("cpu")
+
+
+def save_previews(pictures: list, output_dir: Path, name: str, step: int) -> None:
+    """`images/<name>-<step>.png` (A1111's preview names; `-1`, `-2` for further images)."""
+    for index, picture in enumerate(pictures):
+        target = output_dir / "images" / f"{name}-{step}{'' if index == 0 else f'-{index}'}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        picture.save(target)
+
+
+def run_script(parse_args: Callable, task_class: Callable, argv: list[str] | None = None) -> int:
+    """What both training scripts do: parse, train, turn errors into one line and an exit code."""
+    try:
+        args = parse_args(argv)
+        return train(args, task_class(args))
+    except TrainingStopped as stopped:
+        print(f"error: {stopped}")
+        return stopped.exit_code
+    except TinvError as error:
+        print(f"error: {error}")
+        return 2
