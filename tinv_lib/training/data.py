@@ -263,8 +263,11 @@ class BatchPlan:
                 "--gradient_accumulation_steps, or use --aspect_mode crop"
             )
         self.steps_per_epoch = self.micro_batches_per_epoch // self.accumulation
+        self._epoch_cache: tuple[int, list[list[int]]] = (-1, [])
 
     def batch(self, micro_index: int) -> tuple[int, list[int]]:
         """(epoch, image indices of the global batch) for micro-batch number `micro_index`."""
         epoch, position = divmod(micro_index, self.micro_batches_per_epoch)
-        return epoch, epoch_batches(self.sizes, self.global_batch, self.seed, epoch)[position]
+        if self._epoch_cache[0] != epoch:
+            self._epoch_cache = (epoch, epoch_batches(self.sizes, self.global_batch, self.seed, epoch))
+        return epoch, self._epoch_cache[1][position]
