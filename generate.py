@@ -1,16 +1,17 @@
 #!/usr/bin/env python
-"""txt2img with A1111 prompt semantics, embeddings and hypernetworks (SPEC §6). Not implemented yet."""
+"""txt2img with A1111 prompt semantics, embeddings, hypernetworks and infotext (SPEC §6).
 
-import argparse
+    python generate.py --prompt "a photo of my-style cat" --steps 20 --sampler "DPM++ 2M Karras" --seed 1
+    python generate.py --interactive            # one prompt per line on standard input
+    python generate.py --from_infotext outputs/txt2img-images/2024-01-01/00000-1.png
+
+Every flag: `python generate.py --help` and docs/generate.md. The work happens in
+`tinv_lib.generate_cli`.
+"""
+
 import sys
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.parse_args(argv)
-    print("generate.py: not implemented yet", file=sys.stderr)
-    return 2
-
+from tinv_lib.generate_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

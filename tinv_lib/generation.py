@@ -65,6 +65,19 @@ def parse_extra_networks(prompt: str) -> tuple[str, dict[str, list[list[str]]]]:
     return clean, grouped
 
 
+@contextlib.contextmanager
+def _scheduler_for(pipe: Any, sampler: str, schedule_type: str):
+    """Swap in the scheduler for an A1111 sampler name; put the model's own back afterwards."""
+    from tinv_lib.samplers import make_scheduler
+
+    original = pipe.scheduler
+    pipe.scheduler = make_scheduler(original.config, sampler, schedule_type)
+    try:
+        yield
+    finally:
+        pipe.scheduler = original
+
+
 def generate(
     pipe: Any,
     prompt: str,
@@ -80,12 +93,17 @@ def generate(
     extra_networks: Mapping[str, ExtraNetworkHandler] | None = None,
     emphasis: str = "Original",
     encoder: PromptEncoder | None = None,
+    sampler: str | None = None,
+    schedule_type: str = "Automatic",
 ) -> GenerationResult:
     """Make `batch_size` images; image i uses seed `seed + i` (A1111's batch seeds).
 
     `embeddings` is an `EmbeddingDatabase` (refreshed here first, so files added or changed
-    since the last call are used) or any name → `Embedding` mapping. Returns PIL images and
-    the embeddings used, notices (model mismatch, skipped extra networks) included.
+    since the last call are used) or any name → `Embedding` mapping. `sampler` is an A1111
+    sampler name (see `tinv_lib.samplers`); it replaces the pipeline's scheduler for this call
+    only, so the next call starts again from the model's own scheduler. Without it the
+    pipeline's scheduler is used as it is. Returns PIL images and the embeddings used, notices
+    (model mismatch, skipped extra networks) included.
     """
     notices: list[str] = []
     encoder = encoder or PromptEncoder.from_pipeline(pipe, emphasis)
@@ -98,6 +116,8 @@ def generate(
     text, tags = parse_extra_networks(prompt)
     handlers = extra_networks or {}
     with torch.no_grad(), contextlib.ExitStack() as active:
+        if sampler is not None:
+            active.enter_context(_scheduler_for(pipe, sampler, schedule_type))
         for kind, args in tags.items():
             if kind in handlers:
                 active.enter_context(handlers[kind](pipe, args))
