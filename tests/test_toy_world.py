@@ -1,0 +1,106 @@
+"""The toy world's generator: ground truth drawn correctly, deterministic, captions of single tokens."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from tinv_lib.toy_world import draw, world
+from tinv_lib.toy_world.data import make_scenes, read_example_scenes, training_caption
+from tinv_lib.toy_world.examples import CONCEPT, CONCEPT_IMAGES, concept_scenes, style_scenes, write_examples
+
+
+@pytest.fixture(scope="module")
+def scenes() -> list[world.Scene]:
+    return make_scenes(seed=7, count=80, outline_probability=0.5)
+
+
+def _pixel(image, xy: tuple[int, int]) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)[xy[1], xy[0]]
+
+
+def test_vocabulary_is_big_enough_and_disjoint_from_invisible_combinations():
+    assert {"circle", "square", "triangle", "star", "ring", "cross"} <= set(world.SHAPES)
+    assert len(world.COLOURS) >= 8
+    assert "plain" in world.BACKGROUNDS and len(world.BACKGROUNDS) >= 3
+    with pytest.raises(ValueError, match="invisible"):
+        world.validate(world.Scene("star", "red", "plain", "red"))
+    with pytest.raises(ValueError, match="unknown shape"):
+        world.validate(world.Scene("blob", "red", "plain", "blue"))
+
+
+def test_shape_colour_is_drawn_inside_the_shape(scenes):
+    for scene in scenes:
+        image = draw.draw_scene(scene)
+        assert image.size == (64, 64) and image.mode == "RGB"
+        inside = _pixel(image, draw.inside_point(scene))
+        assert np.abs(inside - world.COLOURS[scene.colour]).max() <= 2, scene
+
+
+def test_background_is_drawn_away_from_the_shape(scenes):
+    for scene in scenes:
+        image = np.asarray(draw.draw_scene(scene), dtype=np.float32)
+        ys, xs = np.mgrid[0:64, 0:64] + 0.5
+        far = (xs - scene.cx) ** 2 + (ys - scene.cy) ** 2 > (scene.radius * 1.2 + 2) ** 2
+        base = np.array(world.BACKGROUND_COLOURS[scene.background_colour], dtype=np.float32)
+        second = base * draw.SECOND_TONE
+        pixels = image[far]
+        if scene.background == "plain":
+            assert np.abs(pixels - base).max() <= 1, scene
+        else:  # every pixel mixes the two tones, and both tones are present
+            low, high = np.minimum(base, second) - 1.5, np.maximum(base, second) + 1.5
+            assert ((pixels >= low) & (pixels <= high)).all(), scene
+            assert np.abs(pixels - second).max(axis=1).min() <= 2 and np.abs(pixels - base).max(axis=1).min() <= 2
+
+
+def test_outline_is_a_dark_band_at_the_edge_only_when_asked():
+    rng = random.Random(3)
+    for _ in range(10):
+        plain = world.sample_scene(rng, shape="circle", outline=False)
+        outlined = world.Scene(**{**plain.to_dict(), "outline": True})
+        edge = (int(plain.cx + plain.radius - 1.0), int(plain.cy))
+        assert _pixel(draw.draw_scene(outlined), edge).max() <= 40
+        assert np.abs(_pixel(draw.draw_scene(plain), edge) - world.COLOURS[plain.colour]).max() <= 2
+        centre = draw.inside_point(outlined)
+        assert np.abs(_pixel(draw.draw_scene(outlined), centre) - world.COLOURS[plain.colour]).max() <= 2
+
+
+def test_scenes_and_images_are_deterministic():
+    first, again = make_scenes(11, 5), make_scenes(11, 5)
+    assert first == again
+    assert make_scenes(11, 3, start=2) == first[2:5]  # a dataset extends without changing its start
+    assert draw.draw_scene(first[0]).tobytes() == draw.draw_scene(again[0]).tobytes()
+    assert make_scenes(12, 5) != first
+
+
+def test_captions_use_single_tokens_and_name_the_ground_truth(tmp_path):
+    from tinv_lib.tokenizer_build import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(tmp_path / "tok")
+    scene = world.Scene("star", "red", "striped", "blue", outline=True)
+    text = world.caption(scene)
+    assert text == "a red star with a black outline on a striped blue background"
+    assert world.caption(world.Scene("ring", "orange", "plain", "gray")) == "an orange ring on a gray background"
+    rng = random.Random(0)
+    for scene in make_scenes(5, 40, outline_probability=0.3):
+        for text in (world.caption(scene), training_caption(scene, rng)):
+            words = text.split()
+            ids = tokenizer(text).input_ids[1:-1]
+            assert len(ids) == len(words), text
+            if text and scene.outline:
+                assert "outline" in words
+
+
+def test_examples_show_the_concept_and_the_style(tmp_path):
+    folders = write_examples(tmp_path)
+    concept = read_example_scenes(folders["concept"])
+    assert len(concept) == CONCEPT_IMAGES == len(list(folders["concept"].glob("*.png")))
+    assert all({k: s.labels()[k] for k in CONCEPT} == CONCEPT for s in concept)
+    assert concept == concept_scenes() and len({(s.cx, s.cy) for s in concept}) == CONCEPT_IMAGES
+    assert not list(folders["concept"].glob("*.txt"))  # no words for the concept
+    style = read_example_scenes(folders["style_outline"])
+    assert style == style_scenes() and all(s.outline for s in style)
+    for txt in folders["style_outline"].glob("*.txt"):
+        assert "outline" not in txt.read_text()
