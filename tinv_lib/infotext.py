@@ -76,9 +76,12 @@ class GenerationParameters:
 
 
 def quote(value: object) -> str:
-    """A1111's rule: JSON-quote a value containing `,`, `:` or a newline; others stay bare."""
+    """A1111's rule: JSON-quote a value containing `,`, `:` or a newline; others stay bare.
+
+    We also quote a value that starts with `"`, which A1111 leaves bare and then misreads.
+    """
     text = str(value)
-    if "," in text or ":" in text or "\n" in text:
+    if "," in text or ":" in text or "\n" in text or text.startswith('"'):
         return json.dumps(text, ensure_ascii=False)
     return text
 
