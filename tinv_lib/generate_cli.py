@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", "--model", dest="model",
-                       help=f"diffusers folder or single .safetensors/.ckpt file (default: {DEFAULT_MODEL})")
+                       help="diffusers folder or single .safetensors/.ckpt file (default: the toy model in models/toy/)")
     model.add_argument("--model_config", help="config folder for a single-file checkpoint (a diffusers folder of the same architecture)")
     add_generation_arguments(parser)
     networks = parser.add_argument_group("embeddings and hypernetworks")
