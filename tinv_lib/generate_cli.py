@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tinv_lib import __version__
 from tinv_lib.errors import TinvError
@@ -33,6 +33,13 @@ from tinv_lib.infotext import (
     ti_hash_entries,
 )
 from tinv_lib.samplers import AUTOMATIC, DEFAULT_SAMPLER, sampler_names, scheduler_options, split_sampler_name
+
+if TYPE_CHECKING:  # heavy modules stay unimported until a model is loaded
+    from tinv_lib.embeddings.database import EmbeddingDatabase
+    from tinv_lib.extra_networks import HypernetworkHandler
+    from tinv_lib.image_saving import OutputFolders
+    from tinv_lib.models import ModelInfo
+    from tinv_lib.prompt_encoding import PromptEncoder
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "toy"
 """The toy model the project ships (SPEC §7): the model used when none is named."""
@@ -137,15 +144,15 @@ class Session:
     """A loaded model and everything kept between prompts."""
 
     pipe: Any
-    model: Any  # ModelInfo
-    embeddings: Any  # EmbeddingDatabase
-    hypernetworks: Any  # HypernetworkHandler
-    outputs: Any  # OutputFolders
+    model: ModelInfo
+    embeddings: EmbeddingDatabase
+    hypernetworks: HypernetworkHandler
+    outputs: OutputFolders
     make_grid: bool = True
     say: Say = print
-    encoders: dict[str, Any] = field(default_factory=dict)
+    encoders: dict[str, PromptEncoder] = field(default_factory=dict)
 
-    def encoder(self, emphasis: str):
+    def encoder(self, emphasis: str) -> PromptEncoder:
         """The prompt encoder for an emphasis mode (one per mode, made on first use)."""
         from tinv_lib.prompt_encoding import PromptEncoder
 
@@ -186,26 +193,28 @@ def open_session(args: argparse.Namespace, say: Say = print) -> Session:
     from tinv_lib.extra_networks import HypernetworkHandler
     from tinv_lib.image_saving import OutputFolders
     from tinv_lib.models import load_base_model
+    from tinv_lib.prompt_encoding import PromptEncoder
 
     _quiet_libraries()
     pipe, info = load_base_model(args.model or default_model(), args.model_config)
     pipe.set_progress_bar_config(disable=True)
+    encoder = PromptEncoder.from_pipeline(pipe)
     outdir = Path(args.outdir)
     grids = Path(args.outdir_grids) if args.outdir_grids else outdir.parent / "txt2img-grids"
     session = Session(
         pipe=pipe,
         model=info,
-        embeddings=None,
+        embeddings=EmbeddingDatabase(
+            args.embeddings_dir,
+            expected_dim=encoder.expected_dim,  # a wrong-width file is skipped with its reason
+            model_hashes=[info.short_hash, info.sha256, info.old_hash],
+            model_name=info.name,
+        ),
         hypernetworks=HypernetworkHandler(args.hypernetwork_dir, notify=lambda text: say(f"notice: {text}")),
         outputs=OutputFolders(outdir, grids, date_dirs=not args.no_date_dirs),
         make_grid=not args.no_grid,
         say=say,
-    )
-    session.embeddings = EmbeddingDatabase(
-        args.embeddings_dir,
-        expected_dim=session.encoder("Original").expected_dim,
-        model_hashes=[info.short_hash, info.sha256, info.old_hash],
-        model_name=info.name,
+        encoders={encoder.emphasis: encoder},
     )
     say(f"Model: {info.name} [{info.short_hash}] ({info.arch})")
     refresh_embeddings(session)
