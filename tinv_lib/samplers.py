@@ -106,7 +106,7 @@ SCHEDULE_TYPES: tuple[ScheduleType, ...] = (
 UNSUPPORTED_SCHEDULES = ("Polyexponential", "KL Optimal", "Align Your Steps", "Beta")
 
 DEFAULT_SAMPLER = "DPM++ 2M"
-"""A1111's default sampler since v1.6 (with schedule type Automatic, i.e. Karras)."""
+"""A1111's default in current versions (the first of its samplers; Automatic schedule = Karras)."""
 
 
 def sampler_names() -> list[str]:
