@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import pickle
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +122,10 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
     """
     path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
+        with warnings.catch_warnings():
+            # Old pickled ParameterDicts carry their class source; ours is a stand-in, by design.
+            warnings.simplefilter("ignore", torch.serialization.SourceChangeWarning)
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
     except pickle.UnpicklingError as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         if "forbidden" in message:
