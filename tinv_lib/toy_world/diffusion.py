@@ -89,7 +89,7 @@ class DiffusionTraining:
     warmup: int = 200
     ema_decay: float = 0.998
     min_snr_gamma: float = 5.0
-    noise_offset: float = 0.05
+    noise_offset: float = 0.1
     drop_all: float = 0.1
     drop_colour: float = 0.1
     drop_background: float = 0.2

@@ -36,15 +36,15 @@ class RecipeConfig:
     work_dir: Path = Path("runs/toy_pretrain")
     seed: int = 0
     threads: int = 2
-    num_images: int = 30000
+    num_images: int = 24000
     outline_probability: float = 0.2
-    vae_steps: int = 1500
+    vae_steps: int = 1200
     vae_batch_size: int = 32
     vae_lr: float = 2e-3
     diffusion: diffusion.DiffusionTraining = field(default_factory=diffusion.DiffusionTraining)
-    judge_steps: int = 1500
-    judge_reconstructions: int = 6000
-    judge_test_images: int = 2000
+    judge_steps: int = 1200
+    judge_reconstructions: int = 4000
+    judge_test_images: int = 1000
     checkpoint_every: int = 500
 
 

@@ -30,14 +30,17 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (250, 250, 250),
 }
 
-# Background colours: a subset (no black, so a black outline is always visible).
+# Background colours: muted tones named by words that never name a shape colour, so every colour
+# word in a caption says unambiguously what it colours (a model this small cannot learn to bind
+# one colour word to the shape or the background from its position in an hour of CPU). No black,
+# so a black outline is always visible.
 BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
-    "white": (235, 235, 235),
     "gray": (128, 128, 128),
-    "red": (200, 50, 50),
-    "green": (50, 150, 70),
-    "blue": (50, 90, 200),
-    "yellow": (230, 210, 60),
+    "silver": (200, 200, 210),
+    "brown": (130, 85, 50),
+    "teal": (30, 125, 125),
+    "cyan": (80, 200, 215),
+    "magenta": (175, 40, 140),
 }
 
 BACKGROUNDS = ("plain", "striped", "checkered", "dotted")
@@ -148,7 +151,7 @@ def background_phrase(background: str, background_colour: str) -> str:
 
 
 def caption(scene: Scene, prefix: str = "", with_colour: bool = True, with_background: bool = True) -> str:
-    """"a red star with a black outline on a striped blue background", optionally shortened.
+    """"a red star with a black outline on a striped teal background", optionally shortened.
 
     Shortened captions (no colour, no background) teach the model that an attribute not named is
     free, which is what an untrained embedding or an ordinary prompt relies on. The outline is
