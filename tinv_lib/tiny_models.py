@@ -169,3 +169,20 @@ def save_tiny_pipeline(arch: str, folder: str | Path, seed: int = 0) -> Path:
     pipe = build_tiny_pipeline(arch, seed)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tinv_lib.tiny_models sd1 DIR [--seed N]`: write a tiny model folder."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a tiny random Stable Diffusion model (diffusers folder).")
+    parser.add_argument("arch", choices=ARCHITECTURES)
+    parser.add_argument("folder")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(save_tiny_pipeline(args.arch, args.folder, args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
