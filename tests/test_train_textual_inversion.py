@@ -74,8 +74,6 @@ def test_fixed_batch_loss_drops_after_100_steps(tiny_sd1_path, training_images, 
             return encoded.embeds, encoded.pooled
         return fixed_batch_loss(task.family, pixels, conditioning, prompts, seed=123, repeats=8)
 
-    from tinv_lib import training
-
     original_setup = TextualInversionTask.setup
     losses = {}
 
@@ -92,7 +90,6 @@ def test_fixed_batch_loss_drops_after_100_steps(tiny_sd1_path, training_images, 
     losses["end"] = loss_now()
     print(f"fixed-batch loss: step 0 {losses['start']:.5f} -> step 100 {losses['end']:.5f}")
     assert losses["end"] < losses["start"]
-    assert training  # the package is importable on its own
 
 
 # ---------------------------------------------------------------- resume, kills and signals
