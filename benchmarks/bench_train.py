@@ -27,7 +27,7 @@ figures are medians over rounds.
     python benchmarks/bench_train.py --preset bench --repeats 5
     python benchmarks/bench_train.py --preset bench --sweep            # effect of each option
     python benchmarks/bench_train.py --preset sd15 --resolution 512 --mixed_precision bf16 \\
-        --variants default +gradient_checkpointing +8bit +compile     # on a GPU
+        --variants=default,+gradient_checkpointing,+8bit,+compile     # on a GPU
 """
 
 from __future__ import annotations
@@ -331,11 +331,15 @@ class StepClock:
         self.warmup, self.device = warmup, device
         self.durations: list[float] = []
         self.last: float | None = None
+        self.created = time.perf_counter()
+        self.warm_seconds: float | None = None  # from creation to the end of the warm-up steps
 
     def __call__(self, step: int) -> None:
         now = _now(self.device)
         if self.last is not None and step > self.warmup:
             self.durations.append(now - self.last)
+        if step == self.warmup:
+            self.warm_seconds = now - self.created
         self.last = now
 
 
@@ -742,7 +746,8 @@ class Trainer:
         task = self.run(clock)
         family = task.family
         frozen = frozen_grad_bytes([family.unet, family.vae, *family.text_encoders])
-        return _result(clock, self.job, self.device, self.optimizer, task.parameters(), task.grads, frozen)
+        result = _result(clock, self.job, self.device, self.optimizer, task.parameters(), task.grads, frozen)
+        return {**result, "startup_s": clock.warm_seconds}
 
 
 class Pair:
@@ -951,13 +956,15 @@ def format_table(summaries: list[dict], gpu: bool) -> str:
     """A Markdown table of the medians; memory and bytes come from each side's run by itself."""
     memory = "peak RSS MB | GPU allocated MB | GPU reserved MB" if gpu else "peak RSS MB"
     lines = [f"| variant | step | steps/s median (min-max) | speed vs first variant | x floor, median | {memory} "
-             "| optimizer state B | gradients B |", "|---|---|---|---|---|---|---|---|" + ("---|---|" if gpu else "")]
+             "| optimizer state B | gradients B | start to timed steps s |",
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if gpu else "")]
     for s in summaries:
         ratio = f"**{s['ratio_median']:.3f}**" if s["ratio_median"] is not None else ""
         cells = [f"{s['rss_mb']:.0f}" if "rss_mb" in s else "-"]
         if gpu:
             cells += [f"{s[key]:.0f}" if key in s else "-" for key in ("gpu_allocated_mb", "gpu_reserved_mb")]
         cells += [f"{s[key]:,}" if key in s else "-" for key in ("optimizer_bytes", "grad_bytes")]
+        cells.append(f"{s['startup_s']:.1f}" if s.get("startup_s") is not None else "")
         lines.append(f"| {s['variant']} | {NAMES[s['kind']]} | {s['steps_per_s_median']:.2f} "
                      f"({s['steps_per_s_min']:.2f}-{s['steps_per_s_max']:.2f}) | {s['vs_first_variant']:.3f} | {ratio} | "
                      f"{' | '.join(cells)} |")
@@ -1026,9 +1033,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     opt.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit")
     opt.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
-    parser.add_argument("--variants", nargs="+", default=None,
-                        help="variants on top of the base: default, +gradient_checkpointing (+gc), -sdpa, +8bit, "
-                             "+compile, +channels_last, -latent_cache, bf16, fp16, or combinations like +gc+8bit")
+    parser.add_argument("--variants", default="default",
+                        help="comma-separated variants on top of the base (write --variants=... when the first "
+                             "starts with '-'): default, +gradient_checkpointing (+gc), -sdpa, +8bit, +compile, "
+                             "+channels_last, -latent_cache, bf16, fp16, or combinations like +gc+8bit")
     parser.add_argument("--sweep", action="store_true", help="the base, then each option flipped by itself")
     parser.add_argument("--no_memory", action="store_true", help="skip the runs by itself (peak memory, bytes)")
     parser.add_argument("--workdir", help="keep the built model and images here (reused by later runs)")
@@ -1049,7 +1057,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
         raise SystemExit("--warmup, --steps and --repeats must be at least 1")
     base = base_options(args)
-    variants = sweep_variants(base) if args.sweep else [parse_variant(v, base) for v in (args.variants or ["default"])]
+    variants = sweep_variants(base) if args.sweep else [parse_variant(v.strip(), base) for v in args.variants.split(",") if v.strip()]
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
     if not tasks or set(tasks) - set(FLOOR_OF):
         raise SystemExit("--tasks: ti, hn or ti,hn")
