@@ -19,15 +19,16 @@ For each it reports steps/s, the ratio to its floor, peak memory (RSS on the CPU
 reserved on a GPU) and the bytes of optimizer state and gradients, which must be
 O(num_vectors x width), not O(vocabulary x width).
 
-Every (variant, kind) pair runs in its own worker process (so peak memory is its own) and the
-workers take turns: round r runs every pair once, one at a time, so a machine shared with other
-jobs slows floor and trainer alike, and each ratio is taken within one round. The reported
-figures are medians over rounds.
+How: our trainer runs with an `on_step` callback that runs one floor step inside each call, so
+the two alternate step by step and a machine shared with other jobs slows both alike; each
+round is one whole training run, and the figures are medians over rounds. Each (variant, task)
+has its own worker process; variants take turns round by round. Afterwards every step kind runs
+once more by itself in a fresh process for its peak memory. docs/benchmarks.md has the results.
 
-    python benchmarks/bench_train.py --preset bench --repeats 5
-    python benchmarks/bench_train.py --preset bench --sweep            # effect of each option
+    python benchmarks/bench_train.py --preset bench --threads 1
+    python benchmarks/bench_train.py --preset bench --threads 1 --sweep     # effect of each option
     python benchmarks/bench_train.py --preset sd15 --resolution 512 --mixed_precision bf16 \\
-        --variants=default,+gradient_checkpointing,+8bit,+compile     # on a GPU
+        --variants=default,+gc,+gc+8bit,+gc+8bit+compile                     # on a GPU
 """
 
 from __future__ import annotations
