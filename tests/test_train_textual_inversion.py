@@ -94,7 +94,8 @@ def test_fixed_batch_loss_drops_after_100_steps(tiny_sd1_path, training_images, 
 
 # ---------------------------------------------------------------- resume, kills and signals
 
-RESUME_FLAGS = ("--max_train_steps", "12", "--gradient_accumulation_steps", "2", "--use_8bit_adam",
+RESUME_STEPS = 32  # many steps after the first checkpoint, so the kill always lands mid-run
+RESUME_FLAGS = ("--max_train_steps", str(RESUME_STEPS), "--gradient_accumulation_steps", "2", "--use_8bit_adam",
                 "--shuffle_tags", "--train_batch_size", "2", "--checkpointing_steps", "4", "--save_steps", "4",
                 "--learning_rate", "0.01", "--seed", "7")
 
@@ -113,7 +114,7 @@ def _wait_for_checkpoint(out: Path, process: subprocess.Popen, timeout: float = 
             return found[-1]
         if process.poll() is not None:
             raise AssertionError(process.stdout.read())
-        time.sleep(0.05)
+        time.sleep(0.005)
     raise AssertionError("no checkpoint appeared")
 
 
@@ -145,23 +146,22 @@ def test_resume_after_sigkill_equals_uninterrupted_run(uninterrupted, tiny_sd1_p
     argv = _argv(tiny_sd1_path, training_images, tmp_path, *RESUME_FLAGS)
     process = _run(argv)
     _wait_for_checkpoint(tmp_path, process)
-    time.sleep(0.3)  # let it run on into the next steps before the kill
     process.send_signal(signal.SIGKILL)
     process.wait()
     _assert_every_file_is_whole(tmp_path)
     killed_at = int(list_checkpoints(tmp_path)[-1].name.split("-")[1])
-    assert killed_at < 12
+    assert killed_at < RESUME_STEPS
     resumed = _run([*argv, "--resume_from_checkpoint", "latest"])
     output, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, output
     assert torch.allclose(_vectors(tmp_path / "my-thing.pt"), uninterrupted, atol=1e-6, rtol=0)
-    assert load_embedding(tmp_path / "my-thing.pt").step == 12
+    assert load_embedding(tmp_path / "my-thing.pt").step == RESUME_STEPS
     # Resuming a finished run trains nothing more: never past --max_train_steps.
     again = _run([*argv, "--resume_from_checkpoint", "latest"])
     output, _ = again.communicate(timeout=300)
     assert again.returncode == 0, output
-    assert load_embedding(tmp_path / "my-thing.pt").step == 12
-    assert not (tmp_path / "checkpoint-13").exists()
+    assert load_embedding(tmp_path / "my-thing.pt").step == RESUME_STEPS
+    assert not (tmp_path / f"checkpoint-{RESUME_STEPS + 1}").exists()
     assert torch.allclose(_vectors(tmp_path / "my-thing.pt"), uninterrupted, atol=1e-6, rtol=0)
 
 
@@ -174,12 +174,12 @@ def test_sigterm_saves_and_resume_continues(uninterrupted, tiny_sd1_path, traini
     assert process.returncode == 143, output
     assert "interrupted at step" in output
     stopped = load_embedding(tmp_path / "my-thing.pt").step
-    assert 4 <= stopped < 12
+    assert 4 <= stopped < RESUME_STEPS
     assert list_checkpoints(tmp_path)[-1].name == f"checkpoint-{stopped}"
     resumed = _run([*argv, "--resume_from_checkpoint", "latest"])
     output, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, output
-    assert f"steps {stopped} -> 12" in output
+    assert f"steps {stopped} -> {RESUME_STEPS}" in output
     assert torch.allclose(_vectors(tmp_path / "my-thing.pt"), uninterrupted, atol=1e-6, rtol=0)
 
 
