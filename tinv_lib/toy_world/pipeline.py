@@ -18,12 +18,12 @@ def default_model_path() -> Path:
 
 
 def sd1_scheduler():
-    """SD 1.x's inference scheduler config: PNDM on scaled-linear betas, as in SD 1.5's folder."""
+    """SD 1.x's inference scheduler (PNDM, as in SD 1.5's folder) on the toy model's betas."""
     from diffusers import PNDMScheduler
 
-    from tinv_lib.toy_world.diffusion import SD_BETAS
+    from tinv_lib.toy_world.diffusion import TOY_BETAS
 
-    return PNDMScheduler(**SD_BETAS, steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False)
+    return PNDMScheduler(**TOY_BETAS, steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False)
 
 
 def assemble_pipeline(vae, text_encoder, tokenizer, unet):
