@@ -18,12 +18,13 @@ def default_model_path() -> Path:
 
 
 def sd1_scheduler():
-    """SD 1.x's inference scheduler (PNDM, as in SD 1.5's folder) on the toy model's betas."""
+    """SD 1.x's inference scheduler (PNDM, as in SD 1.5's folder) on the toy model's betas and v target."""
     from diffusers import PNDMScheduler
 
-    from tinv_lib.toy_world.diffusion import TOY_BETAS
+    from tinv_lib.toy_world.diffusion import TOY_BETAS, TOY_PREDICTION
 
-    return PNDMScheduler(**TOY_BETAS, steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False)
+    return PNDMScheduler(**TOY_BETAS, prediction_type=TOY_PREDICTION, steps_offset=1, skip_prk_steps=True,
+                         set_alpha_to_one=False)
 
 
 def assemble_pipeline(vae, text_encoder, tokenizer, unet):
