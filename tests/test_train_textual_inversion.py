@@ -1,6 +1,7 @@
 """train_textual_inversion.py on tiny models: frozen vocabulary, learning, exact resume, signals."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -192,13 +193,36 @@ def test_prompts_without_placeholder_fail_before_step_one(tiny_sd1_path, trainin
     assert not (tmp_path / "my-thing.pt").exists()
 
 
+def test_placeholder_that_is_a_vocabulary_word_fails_before_step_one(tiny_sd1_path, training_images, tmp_path, capsys):
+    argv = _argv(tiny_sd1_path, training_images, tmp_path, "--max_train_steps", "2")
+    argv[argv.index("--placeholder_token") + 1] = "Cat"
+    code = main(argv)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 2 and out[-1].startswith("error: --placeholder_token 'Cat' is already a word"), out
+    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("settings-*.json"))
+
+
+def test_empty_dataset_fails_before_step_one(tiny_sd1_path, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no pictures here")
+    code = main(_argv(tiny_sd1_path, empty, tmp_path / "out", "--max_train_steps", "2"))
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 2 and out[-1].startswith("error:") and "no usable images" in out[-1], out
+    assert not (tmp_path / "out" / "my-thing.pt").exists()
+
+
 def test_nan_loss_stops_without_saving_a_nan_embedding(tiny_sd1_path, training_images, tmp_path, capsys):
+    # A good embedding from an earlier run in the same folder must survive the failed run.
+    assert main(_argv(tiny_sd1_path, training_images, tmp_path, "--max_train_steps", "2", "--checkpointing_steps", "0")) == 0
+    good = (tmp_path / "my-thing.pt").read_bytes()
+    capsys.readouterr()
     code = main(_argv(tiny_sd1_path, training_images, tmp_path, "--learning_rate", "1e30", "--max_train_steps", "6",
                       "--save_steps", "1", "--checkpointing_steps", "0"))
     out = capsys.readouterr().out
     assert code == 3, out
-    assert "learning rate" in out and "error: loss became" in out
-    assert not (tmp_path / "my-thing.pt").exists()
+    assert re.search(r"error: loss became (nan|inf) at step \d+: the learning rate \(1e\+30\) is likely too high", out), out
+    assert (tmp_path / "my-thing.pt").read_bytes() == good
     for path in (tmp_path / "embeddings").glob("*.pt"):
         assert torch.isfinite(_vectors(path)).all()
 

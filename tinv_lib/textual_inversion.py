@@ -61,6 +61,7 @@ class TextualInversionTask:
         from tinv_lib.prompt_encoding import PromptEncoder
 
         self.family, self.model_info = family, model_info
+        self._check_name_is_not_a_word()
         self.prompt_encoder = PromptEncoder.from_pipeline(family.pipe)
         step = 0
         if args.resume_from_embedding:
@@ -75,6 +76,16 @@ class TextualInversionTask:
             initial = {family.embedding_keys[0]: initial}
         self.vectors = {key: torch.nn.Parameter(value.to(device, torch.float32).clone()) for key, value in initial.items()}
         return step
+
+    def _check_name_is_not_a_word(self) -> None:
+        """A name that is one word of the vocabulary would take that word over in every prompt
+        (names are matched on tokens), so "cat" could no longer mean a cat: refuse it up front."""
+        tokenizer = self.family.tokenizers[0]
+        ids = tokenizer(self.name.lower(), add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            raise TinvError(f"--placeholder_token {self.name!r} is already a word of the model's vocabulary, so every "
+                            f"{self.name!r} in a prompt would become the embedding: choose a name that is not a word "
+                            f"(e.g. {self.name + '-ti'!r})")
 
     def _check_fits(self, embedding: Embedding) -> torch.Tensor | dict[str, torch.Tensor]:
         widths = self.family.widths

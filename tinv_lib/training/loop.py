@@ -25,6 +25,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from tinv_lib.atomic import atomic_path, atomic_write_text
 from tinv_lib.errors import TinvError
 from tinv_lib.training import checkpoints as ckpt
 from tinv_lib.training.data import (
@@ -201,7 +202,7 @@ def train(args, task: TrainingTask, on_step: Callable[[int], None] | None = None
                     "model_architecture": model_info.arch, "num_of_dataset_images": len(images),
                     "initial_step": task_step, "num_processes": world, "mixed_precision": accelerator.mixed_precision}
         stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
-        (output_dir / f"settings-{stamp}.json").write_text(json.dumps(settings, indent=1, default=str))
+        atomic_write_text(output_dir / f"settings-{stamp}.json", json.dumps(settings, indent=1, default=str))
         for line in skipped:
             print(f"skipped {line}")
         for line in schedule.describe():
@@ -359,8 +360,8 @@ def save_previews(pictures: list, output_dir: Path, name: str, step: int) -> Non
     """`images/<name>-<step>.png` (A1111's preview names; `-1`, `-2` for further images)."""
     for index, picture in enumerate(pictures):
         target = output_dir / "images" / f"{name}-{step}{'' if index == 0 else f'-{index}'}.png"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        picture.save(target)
+        with atomic_path(target) as tmp:
+            picture.save(tmp, format="PNG")
 
 
 def run_script(parse_args: Callable, task_class: Callable, argv: list[str] | None = None) -> int:
