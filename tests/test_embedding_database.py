@@ -52,6 +52,21 @@ def test_hot_reload_sees_added_changed_and_removed_files_in_subfolders(tmp_path)
     os.utime(tmp_path, ns=(top_mtime, top_mtime))  # the folder's own mtime says nothing
     assert db.refresh() is True
     assert db["one"].vector_count == 3 and torch.equal(db["one"].vectors, replacement.vectors)
+    # Rewritten through the same inode with the same size, deep in a sub-folder: only the
+    # file's mtime tells.
+    deep = tmp_path / "sub" / "deeper" / "three.safetensors"
+    save_embedding(small("three"), deep)
+    assert db.refresh() is True
+    inode, size = deep.stat().st_ino, deep.stat().st_size
+    other = small("three")
+    save_embedding(other, tmp_path / "staging.safetensors")
+    with open(deep, "r+b") as handle:
+        handle.write((tmp_path / "staging.safetensors").read_bytes())
+    (tmp_path / "staging.safetensors").unlink()
+    assert (deep.stat().st_ino, deep.stat().st_size) == (inode, size)
+    bump_mtime(deep)
+    assert db.refresh() is True and torch.equal(db["three"].vectors, other.vectors)
+    deep.unlink()
     (tmp_path / "sub" / "deeper" / "two.pt").unlink()
     assert db.refresh() is True and "two" not in db
 
