@@ -48,6 +48,21 @@ def test_every_output_of_a_run(tiny_sd1_path, training_images, tmp_path):
     settings = json.loads(next(tmp_path.glob("settings-*.json")).read_text())
     assert settings["placeholder_token"] == "my-thing" and settings["num_of_dataset_images"] == 4
     assert len(settings["model_hash"]) == 10
+    # What the run wrote is what consumers read: diffusers' own loader, and our embeddings folder.
+    from diffusers import StableDiffusionPipeline
+
+    from tinv_lib.embeddings.database import EmbeddingDatabase
+
+    for file in ("my-thing.pt", "my-thing.safetensors"):
+        pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd1_path), safety_checker=None)
+        pipe.load_textual_inversion(str(tmp_path / file), token="my-thing")
+        ids = pipe.tokenizer.convert_tokens_to_ids(["my-thing"] + [f"my-thing_{i}" for i in range(1, final.vector_count)])
+        rows = pipe.text_encoder.get_input_embeddings().weight[ids].detach()
+        assert torch.equal(rows, final.vectors), file
+    database = EmbeddingDatabase(tmp_path, expected_dim=final.vectors.shape[1])
+    database.refresh()
+    assert {"my-thing", "my-thing-2", "my-thing-4"} <= set(database), sorted(database)
+    assert torch.equal(database["my-thing"].vectors, final.vectors)
 
 
 def test_resume_from_embedding_continues_its_step_count(tiny_sd1_path, training_images, tmp_path, capsys):
