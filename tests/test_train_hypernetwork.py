@@ -83,7 +83,9 @@ def _sigterm_when_checkpoint_appears(out: Path) -> threading.Thread:
     return thread
 
 
-def test_resume_after_sigterm_is_exact(tiny_sd1_path, training_images, tmp_path):
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_resume_after_sigterm_is_exact(arch, request, training_images, tmp_path):
+    model = request.getfixturevalue(f"tiny_{arch}_path")
     flags = ("--max_train_steps", "30", "--checkpointing_steps", "3", "--gradient_accumulation_steps", "2",
              "--learning_rate", "0.001", "--shuffle_tags", "--flip_p", "0.5", "--latent_sampling", "random",
              "--dropout_structure", "0, 0.1, 0", "--activation_func", "relu", "--train_batch_size", "2",
@@ -91,10 +93,10 @@ def test_resume_after_sigterm_is_exact(tiny_sd1_path, training_images, tmp_path)
              # floor for 8-bit state, so the checkpoint really holds quantized AdamW state.
              "--layer_structure", "1,4,1", "--use_8bit_adam")
     whole = tmp_path / "whole"
-    assert main(_argv(tiny_sd1_path, training_images, whole, *flags)) == 0
+    assert main(_argv(model, training_images, whole, *flags)) == 0
     parted = tmp_path / "parted"
     watcher = _sigterm_when_checkpoint_appears(parted)
-    assert main(_argv(tiny_sd1_path, training_images, parted, *flags)) == 143
+    assert main(_argv(model, training_images, parted, *flags)) == 143
     watcher.join()
     stopped = load_hypernetwork(parted / "hn.pt").step
     assert 3 <= stopped < 30
@@ -103,7 +105,7 @@ def test_resume_after_sigterm_is_exact(tiny_sd1_path, training_images, tmp_path)
     optimizer = load_checkpoint(list_checkpoints(parted)[-1], "hypernetwork").optimizer
     quantized = [s["__bnb_optimizer_quant_state__"] for s in optimizer["state"].values()]
     assert any(q["state1"].dtype == torch.uint8 for q in quantized), "no 8-bit AdamW state in the checkpoint"
-    assert main(_argv(tiny_sd1_path, training_images, parted, *flags, "--resume_from_checkpoint", "latest")) == 0
+    assert main(_argv(model, training_images, parted, *flags, "--resume_from_checkpoint", "latest")) == 0
     a, b = load_hypernetwork(whole / "hn.pt").state_dict(), load_hypernetwork(parted / "hn.pt").state_dict()
     assert load_hypernetwork(parted / "hn.pt").step == 30
     assert all(torch.allclose(a[key], b[key], atol=1e-6, rtol=0) for key in a)
