@@ -85,9 +85,10 @@ def test_identity_property_on_images(arch, init_text, vectors):
     else:
         tokenizers, encoders = pipe.tokenizer, pipe.text_encoder
     embedding = create_embedding("fresh", tokenizers, encoders, init_text, vectors)
-    assert np.array_equal(
-        ours_image(pipe, "fresh in a field", 11, {"fresh": embedding}), ours_image(pipe, f"{init_text} in a field", 11)
-    )
+    image = ours_image(pipe, "fresh in a field", 11, {"fresh": embedding})
+    assert np.array_equal(image, ours_image(pipe, f"{init_text} in a field", 11))
+    # ...and the model does listen to the text: other words give another picture.
+    assert not np.array_equal(image, ours_image(pipe, "a blue dog in a field", 11))
 
 
 def test_extra_network_handlers_and_unknown_tags():

@@ -167,3 +167,68 @@ def test_backtrack_carries_an_embedding_along(tokenizer, tools):
     chunks = chunk_prompt(" ".join(["tree"] * 70) + ", cat mine cat cat cat", tokenize, rules, lookup)
     assert not chunks[0].fixes
     assert [(f.offset, f.embedding.name) for f in chunks[1].fixes] == [(1, "mine")]
+
+
+# ------------------------------------------------------------------ exact 77-token layouts
+
+
+def layout(rules, body, weights=None):
+    """A1111's chunk as it enters the encoder: start, body, end-padding to 76, end (77 in all)."""
+    weights = weights if weights is not None else [1.0] * len(body)
+    assert len(body) == len(weights) <= 75
+    pad = 75 - len(body)
+    return [rules.start_id, *body, *[rules.end_id] * pad, rules.end_id], [1.0, *weights, *[1.0] * pad, 1.0]
+
+
+def assert_layouts(chunks, expected):
+    assert len(chunks) == len(expected)
+    for index, (chunk, (tokens, weights)) in enumerate(zip(chunks, expected)):
+        assert chunk.tokens == tokens, f"chunk {index} tokens"
+        assert chunk.multipliers == pytest.approx(weights), f"chunk {index} weights"
+
+
+def test_exact_layout_of_a_long_prompt_with_emphasis(tokenizer, tools):
+    tokenize, rules = tools
+    tree, cat = ids(tokenizer, "tree")[0], ids(tokenizer, "cat")[0]
+    chunks = chunk_prompt(" ".join(["tree"] * 74) + " (cat:1.3) [tree] tree", tokenize, rules)
+    assert_layouts(chunks, [
+        layout(rules, [tree] * 74 + [cat], [1.0] * 74 + [1.3]),
+        layout(rules, [tree, tree], [1 / 1.1, 1.0]),
+    ])
+
+
+def test_exactly_75_tokens_is_one_chunk(tokenizer, tools):
+    tokenize, rules = tools
+    tree = ids(tokenizer, "tree")[0]
+    assert_layouts(chunk_prompt(" ".join(["tree"] * 75), tokenize, rules), [layout(rules, [tree] * 75)])
+    assert len(chunk_prompt(" ".join(["tree"] * 76), tokenize, rules)) == 2
+
+
+def test_exact_layout_of_break_with_an_embedding(tokenizer, tools):
+    tokenize, rules = tools
+    lookup = EmbeddingLookup({"my-style": emb("my-style", 3)}, tokenize)
+    chunks = chunk_prompt("a (cat:0.8) BREAK my-style tree", tokenize, rules, lookup)
+    assert_layouts(chunks, [
+        layout(rules, ids(tokenizer, "a cat"), [1.0, 0.8]),
+        layout(rules, [0, 0, 0] + ids(tokenizer, "tree")),
+    ])
+    assert not chunks[0].fixes and [(f.offset, f.embedding.name) for f in chunks[1].fixes] == [(0, "my-style")]
+
+
+def test_exact_layout_of_an_embedding_that_does_not_fit(tokenizer, tools):
+    tokenize, rules = tools
+    tree = ids(tokenizer, "tree")[0]
+    lookup = EmbeddingLookup({"big": emb("big", 4)}, tokenize)
+    chunks = chunk_prompt(" ".join(["tree"] * 73) + " (big:1.2) tree", tokenize, rules, lookup)
+    assert_layouts(chunks, [layout(rules, [tree] * 73), layout(rules, [0] * 4 + [tree], [1.2] * 4 + [1.0])])
+    assert [(f.offset, f.embedding.name) for f in chunks[1].fixes] == [(0, "big")]
+
+
+def test_exact_layout_of_comma_backtrack(tokenizer, tools):
+    tokenize, rules = tools
+    tree, cat = ids(tokenizer, "tree")[0], ids(tokenizer, "cat")[0]
+    chunks = chunk_prompt(" ".join(["tree"] * 70) + ", (cat:1.5) " + " ".join(["cat"] * 9), tokenize, rules)
+    assert_layouts(chunks, [
+        layout(rules, [tree] * 70 + [rules.comma_id]),
+        layout(rules, [cat] * 10, [1.5] + [1.0] * 9),
+    ])
