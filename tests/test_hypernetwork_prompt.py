@@ -73,3 +73,30 @@ def test_cache_reuses_unchanged_files_and_reloads_changed_ones(tmp_path):
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert extract_hypernetworks("<hypernet:style>", tmp_path, cache)[1][0][0].name == "changed"
+
+
+def test_handler_reports_every_unusable_tag_in_one_line_and_applies_the_rest(tmp_path):
+    """generate.py's `<hypernet:...>` handler: a broken file, an unknown name, a bad multiplier and
+    a network for another model family are each one notice; the good tag is still applied."""
+    from helpers_embeddings import tiny_pipeline
+
+    from tinv_lib.extra_networks import HypernetworkHandler
+    from tinv_lib.hypernetworks import context_widths
+
+    pipe = tiny_pipeline("sd1")
+    widths = context_widths(pipe.unet)
+    save_hypernetwork(create_hypernetwork("good", widths, make_options(), seed=0), tmp_path / "good.pt")
+    save_hypernetwork(create_hypernetwork("wide", [4096], make_options(), seed=0), tmp_path / "wide.pt")
+    (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    notices = []
+    handler = HypernetworkHandler(tmp_path, notify=notices.append)
+    assert handler.summary_line() == "Hypernetworks available(3): broken, good, wide"
+    tags = [["broken"], ["missing"], ["good", "strong"], ["wide"], ["good", "0.5"]]
+    with handler(pipe, tags):
+        pass
+    assert handler.applied == [("good", 0.5)]
+    assert len(notices) == 4 and all("\n" not in n and "skipped" in n for n in notices)
+    assert notices[0].startswith("<hypernet:broken>: skipped: ") and "broken.pt" in notices[0]
+    assert notices[1] == f"<hypernet:missing>: no hypernetwork 'missing' in {tmp_path}; skipped"
+    assert notices[2] == "<hypernet:good:strong>: multiplier 'strong' is not a number; skipped"
+    assert notices[3].startswith("<hypernet:wide>: skipped: its sizes [4096] fit none of this model's attention widths")
