@@ -250,3 +250,17 @@ def test_interactive_uses_an_embedding_copied_in_between_prompts(tiny_sd1_path, 
     assert first.name == "00000-11-newstyle, a portrait.png" and second.name == "00001-11-newstyle, a portrait.png"
     assert "TI hashes" not in read_infotext(first) and 'TI hashes: "newstyle: ' in read_infotext(second)
     assert not np.array_equal(pixels(first), pixels(second))
+
+
+def test_sd2_v_model_generates_and_remakes_from_its_infotext(tiny_sd2_path, dirs, tmp_path):
+    """SD 2.x (v-prediction, 1024-wide text): the same flow as SD1, down to --from_infotext."""
+    assert run(tiny_sd2_path, dirs, "--prompt", "a (red:1.1) cat", "--seed", "3", "--sampler", "DPM++ 2M Karras") == 0
+    (made,) = samples(dirs["out"])
+    assert pixels(made).shape == (64, 64, 3) and pixels(made).std() > 0
+    parameters, unknown = parameters_from_infotext(read_infotext(made))
+    assert unknown == {}
+    assert parameters.seed == 3 and (parameters.sampler, parameters.schedule_type) == ("DPM++ 2M", "Karras")
+    again = {**dirs, "out": tmp_path / "again"}
+    assert run(tiny_sd2_path, again, "--from_infotext", str(made)) == 0
+    (remade,) = samples(again["out"])
+    assert np.array_equal(pixels(made), pixels(remade))
