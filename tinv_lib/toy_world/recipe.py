@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from tinv_lib.atomic import atomic_write_bytes
+from tinv_lib.torch_files import safe_torch_load
 from tinv_lib.toy_world import autoencoder, diffusion, judge
 from tinv_lib.toy_world.data import draw_images, make_scenes
 from tinv_lib.toy_world.pipeline import DEFAULT_MODEL_DIR, assemble_pipeline, save_pipeline
@@ -94,7 +95,7 @@ def vae_stage(cfg: RecipeConfig, images: np.ndarray, log: Callable[[str], None])
 
         log(f"reusing the VAE in {folder}")
         saved = json.loads(key_file.read_text())
-        return AutoencoderKL.from_pretrained(str(folder)), torch.load(folder / "latents.pt"), saved["timing"]
+        return AutoencoderKL.from_pretrained(str(folder)), safe_torch_load(folder / "latents.pt"), saved["timing"]
     wall, cpu = time.time(), cpu_seconds()
     torch.manual_seed(cfg.seed)
     vae = autoencoder.build_vae()
