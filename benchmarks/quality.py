@@ -188,17 +188,18 @@ def train_concept(model: Path, output_dir: Path, flags: Sequence[str] = CONCEPT_
 def measure_concept(pipe, judge, embedding_file: Path, count: int = 32, seed: int = 0, **sampling) -> dict:
     """Acceptance 2: "a photo of <concept>" over `count` seeds, with the trained embedding and
     with a fresh one from the same init text (what training starts from), judged on every
-    attribute of the concept. Returns {"trained": result, "untrained": result}."""
+    attribute of the concept. Returns {"trained": result, "untrained": result, "cases": cases}."""
     from tinv_lib.embeddings.create import create_embedding
     from tinv_lib.embeddings.formats import load_embedding
 
     trained = load_embedding(embedding_file)
     untrained = create_embedding(CONCEPT_TOKEN, pipe.tokenizer, pipe.text_encoder, CONCEPT_INIT, trained.vector_count)
     cases = concept_cases(CONCEPT_PROMPT, CONCEPT, count, seed)
-    return {
+    results = {
         label: run_cases(tinv_generator(pipe, embeddings={CONCEPT_TOKEN: embedding}, **sampling), cases, judge)
         for label, embedding in (("trained", trained), ("untrained", untrained))
     }
+    return {**results, "cases": cases}
 
 
 # ---------------------------------------------------------------- acceptance 3: hypernetworks

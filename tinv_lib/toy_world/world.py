@@ -146,7 +146,7 @@ def sample_scene(rng: random.Random, outline_probability: float = 0.0, **fixed) 
 
 
 def background_phrase(background: str, background_colour: str) -> str:
-    """"striped blue" / "blue" (plain backgrounds are named by their colour alone)."""
+    """"striped teal" / "teal" (plain backgrounds are named by their colour alone)."""
     return background_colour if background == "plain" else f"{background} {background_colour}"
 
 
