@@ -167,3 +167,24 @@ def test_two_processes_equal_one_process(script, tiny_sd1_path, training_images,
     else:
         one, two = (load_hypernetwork(tmp_path / run / "hn.pt").state_dict() for run in ("one", "two"))
         assert all(torch.allclose(one[key], two[key], atol=1e-6, rtol=0) for key in one)
+
+
+def test_prompt_encoding_cache_is_bounded(tiny_sd1_path, training_images, tmp_path, monkeypatch):
+    """With tag shuffling nearly every prompt is new: the cache keeps the most recent encodings
+    within its byte budget instead of growing with the run, and its encodings stay exact."""
+    import tinv_lib.hypernetwork_training as hn_training
+
+    args = parse_args(_argv(tiny_sd1_path, training_images, tmp_path, "--max_train_steps", "1"))
+    task = HypernetworkTask(args)
+    from tinv_lib.model_family import family_of
+
+    pipe, info = load_base_model(tiny_sd1_path)
+    task.setup(family_of(pipe), info, args, torch.device("cpu"))
+    one = task.conditioning(["a photo of a cat"])[0]
+    per_prompt = one.numel() * one.element_size()
+    monkeypatch.setattr(hn_training, "PROMPT_CACHE_BYTES", 3 * per_prompt)
+    for index in range(10):
+        task.conditioning([f"a photo of tree {index}", "a photo of a cat"])
+    assert len(task._cache) == 3 and task._cache_bytes == 3 * per_prompt
+    assert "a photo of a cat" in task._cache  # used every step: never evicted
+    assert torch.equal(task.conditioning(["a photo of a cat"])[0], one)

@@ -9,6 +9,7 @@ conditioning the same way).
 from __future__ import annotations
 
 import argparse
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from tinv_lib.hypernetworks import (
 from tinv_lib.training.arguments import add_model_arguments, add_training_arguments, parse_with_config
 
 KIND = "hypernetwork"
+PROMPT_CACHE_BYTES = 512 * 2**20  # most recent prompt encodings kept (frozen text encoder)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +72,8 @@ class HypernetworkTask:
         self.args = args
         self.name = args.hypernetwork_name
         self.optimizer_state: dict | None = None
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self._cache_bytes = 0
 
     def setup(self, family, model_info, args, device: torch.device) -> int:
         from tinv_lib.prompt_encoding import PromptEncoder
@@ -101,13 +104,26 @@ class HypernetworkTask:
         self.network.train(training)
 
     def conditioning(self, prompts: list[str]):
-        """Frozen text encoder: each distinct prompt is encoded once, then reused."""
-        for prompt in set(prompts) - self._cache.keys():
+        """Frozen text encoder: each distinct prompt is encoded once, then reused.
+
+        The cache keeps the most recently used encodings up to `PROMPT_CACHE_BYTES`: with tag
+        shuffling or dropout nearly every prompt is new, and an unbounded cache would grow with
+        the length of the run (an SDXL encoding is 630 KB)."""
+        for prompt in dict.fromkeys(prompts):
+            if prompt in self._cache:
+                self._cache.move_to_end(prompt)
+                continue
             with torch.no_grad():
                 encoded = self.prompt_encoder.encode([prompt])
-            self._cache[prompt] = (encoded.embeds[0], None if encoded.pooled is None else encoded.pooled[0])
-        hidden = _stack_padded([self._cache[p][0] for p in prompts])
-        pooled = [self._cache[p][1] for p in prompts]
+            entry = (encoded.embeds[0], None if encoded.pooled is None else encoded.pooled[0])
+            self._cache[prompt] = entry
+            self._cache_bytes += sum(t.numel() * t.element_size() for t in entry if t is not None)
+        entries = [self._cache[p] for p in prompts]
+        while self._cache_bytes > PROMPT_CACHE_BYTES and len(self._cache) > len(set(prompts)):
+            _, evicted = self._cache.popitem(last=False)
+            self._cache_bytes -= sum(t.numel() * t.element_size() for t in evicted if t is not None)
+        hidden = _stack_padded([entry[0] for entry in entries])
+        pooled = [entry[1] for entry in entries]
         return hidden, (torch.stack(pooled) if pooled[0] is not None else None)
 
     def check_prompts(self, prompts: list[str]) -> None:
