@@ -148,3 +148,20 @@ def test_latent_disk_cache_is_reused(tiny_sd1_path, training_images, tmp_path):
     assert main(_argv(tiny_sd1_path, training_images, tmp_path / "b", *flags)) == 0
     assert [entry.stat().st_mtime_ns for entry in sorted(cache.glob("*.safetensors"))] == stamps
     assert torch.equal(load_embedding(tmp_path / "a" / "my-thing.pt").vectors, load_embedding(tmp_path / "b" / "my-thing.pt").vectors)
+
+
+def test_resumed_csv_drops_rows_past_the_checkpoint_and_a_row_cut_by_a_kill(tmp_path):
+    """A kill mid-append can leave `12` of `123,...`: on resume at step 20 only whole rows up to
+    step 20 stay, so the CSV reads as one uninterrupted run."""
+    from argparse import Namespace
+
+    from tinv_lib.training.logs import RunLogger
+
+    path = tmp_path / "textual_inversion_loss.csv"
+    rows = "".join(f"{s},0,{s - 1},0.5000000,0.005\n" for s in range(1, 24))
+    path.write_text("step,epoch,epoch_step,loss,learn_rate\n" + rows + "12")
+    args = Namespace(log_csv_steps=1, report_to="none", max_train_steps=30)
+    logger = RunLogger(tmp_path, "textual_inversion", args, True, 100, resume_step=20)
+    logger.step(21, 0.25, 0.005, 1.0)
+    steps = [row[0] for row in csv.reader(path.open())][1:]
+    assert steps == [str(s) for s in range(1, 22)]

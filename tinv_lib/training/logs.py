@@ -45,7 +45,10 @@ class RunLogger:
 
     def _truncate_csv(self, step: int) -> None:
         rows = list(csv.reader(io.StringIO(self.csv_path.read_text())))
-        kept = [rows[0]] + [row for row in rows[1:] if row and int(row[0]) <= step]
+        # A kill in the middle of an append leaves a short last row (or a step number cut to a
+        # prefix): only whole rows up to the resumed step are kept.
+        whole = [row for row in rows[1:] if len(row) == len(CSV_COLUMNS) and row[0].isdigit()]
+        kept = [rows[0]] + [row for row in whole if int(row[0]) <= step]
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerows(kept)
         atomic_write_text(self.csv_path, buffer.getvalue())
