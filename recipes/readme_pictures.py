@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Make the README's pictures from runs of the README's own commands (issue 8, acceptance 4).
+
+    python train_textual_inversion.py ... --output_dir output/toy-concept     # the README quickstart
+    python benchmarks/quality.py --save_grids output/quality/grids            # before/after images
+    python recipes/readme_pictures.py                                         # -> docs/images/*.png
+
+Nothing here generates an image: it lays out the example datasets, the quickstart's preview
+images (in step order) and the first row of each quality-benchmark grid side by side, enlarged
+without smoothing so the 64 px pictures stay readable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from quality import image_grid  # noqa: E402
+
+LABEL_WIDTH = 150
+
+
+def example_grid(folder: Path, count: int = 8) -> Image.Image:
+    """The first `count` training images of an example dataset, in one row."""
+    return image_grid([Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))[:count]], columns=count)
+
+
+def preview_strip(output_dir: Path, name: str) -> Image.Image:
+    """`images/<name>-<step>.png` of a training run, in step order, each labelled with its step."""
+    found = []
+    for path in (output_dir / "images").glob(f"{name}-*.png"):
+        match = re.fullmatch(rf"{re.escape(name)}-(\d+)\.png", path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    if not found:
+        raise SystemExit(f"error: no previews {output_dir}/images/{name}-<step>.png: run the README quickstart first")
+    found.sort()
+    tiles = [Image.open(path).convert("RGB") for _, path in found]
+    strip = image_grid(tiles, columns=len(tiles), scale=2)
+    labelled = Image.new("RGB", (strip.width, strip.height + 16), "white")
+    labelled.paste(strip, (0, 16))
+    draw = ImageDraw.Draw(labelled)
+    for index, (step, _) in enumerate(found):
+        draw.text((index * strip.width // len(tiles) + 4, 2), f"step {step}", fill="black")
+    return labelled
+
+
+def first_row(grid_file: Path, columns: int = 8) -> Image.Image:
+    """The first row of a quality-benchmark grid (its images are square, `columns` per row)."""
+    if not grid_file.is_file():
+        raise SystemExit(f"error: {grid_file} is missing: run benchmarks/quality.py --save_grids first")
+    grid = Image.open(grid_file).convert("RGB")
+    return grid.crop((0, 0, grid.width, grid.width // columns))
+
+
+def labelled_rows(rows: list[tuple[str, Image.Image]]) -> Image.Image:
+    """Rows of pictures stacked, each with its label on the left."""
+    width = LABEL_WIDTH + max(row.width for _, row in rows)
+    out = Image.new("RGB", (width, sum(row.height for _, row in rows)), "white")
+    draw = ImageDraw.Draw(out)
+    top = 0
+    for label, row in rows:
+        out.paste(row, (LABEL_WIDTH, top))
+        draw.multiline_text((6, top + row.height // 2 - 12), label, fill="black")
+        top += row.height
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quickstart_dir", type=Path, default=ROOT / "output" / "toy-concept")
+    parser.add_argument("--quickstart_name", default="toy-concept")
+    parser.add_argument("--grids", type=Path, default=ROOT / "output" / "quality" / "grids")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    pictures = {
+        "examples_concept.png": example_grid(ROOT / "examples" / "concept"),
+        "examples_style_outline.png": example_grid(ROOT / "examples" / "style_outline"),
+        "quickstart_previews.png": preview_strip(args.quickstart_dir, args.quickstart_name),
+        "concept_before_after.png": labelled_rows([
+            ("untrained\n(init text 'star')", first_row(args.grids / "concept_untrained.png")),
+            ("trained\n(quickstart command)", first_row(args.grids / "concept_trained.png")),
+        ]),
+        "style_before_after.png": labelled_rows([
+            ("<hypernet:outline:0>", first_row(args.grids / "style_0.png")),
+            ("<hypernet:outline:1>", first_row(args.grids / "style_1.png")),
+        ]),
+        "prompt_following.png": first_row(args.grids / "prompts.png"),
+    }
+    for name, picture in pictures.items():
+        picture.save(args.out / name, optimize=True)
+        print(f"wrote {args.out / name} ({picture.width}x{picture.height})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
