@@ -151,14 +151,14 @@ class HypernetworkTask:
             save_optimizer_sidecar(path, optimizer_state, "AdamW8bit" if self.args.use_8bit_adam else "AdamW")
         return [path]
 
-    def preview(self, family, prompt: str, negative: str, seed: int, steps: int, size: tuple[int, int],
-                output_dir: Path, step: int, count: int) -> list:
+    def preview(self, family, prompt: str, negative: str, seed: int, steps: int, cfg_scale: float,
+                size: tuple[int, int], output_dir: Path, step: int, count: int) -> list:
         """Preview images with the hypernetwork at multiplier 1 (it is installed on the UNet)."""
         from tinv_lib.generation import generate
         from tinv_lib.training.loop import save_previews
 
-        pictures = generate(family.pipe, prompt, negative, seed=seed, steps=steps, width=size[0], height=size[1],
-                            batch_size=count, encoder=self.prompt_encoder).images
+        pictures = generate(family.pipe, prompt, negative, seed=seed, steps=steps, cfg_scale=cfg_scale,
+                            width=size[0], height=size[1], batch_size=count, encoder=self.prompt_encoder).images
         save_previews(pictures, output_dir, self.name, step)
         return pictures
 

@@ -161,8 +161,8 @@ class TextualInversionTask:
                           written[0].with_name(written[0].name + ".optim"))
         return written
 
-    def preview(self, family, prompt: str, negative: str, seed: int, steps: int, size: tuple[int, int],
-                output_dir: Path, step: int, count: int) -> list:
+    def preview(self, family, prompt: str, negative: str, seed: int, steps: int, cfg_scale: float,
+                size: tuple[int, int], output_dir: Path, step: int, count: int) -> list:
         """Preview images (`images/<name>-<step>.png`) and PNG embeddings carrying the current
         vectors on the first preview (`image_embeddings/<name>-<step>.png`)."""
         from tinv_lib.embeddings.image_embed import save_png_embedding
@@ -171,8 +171,9 @@ class TextualInversionTask:
 
         embedding = self.current_embedding(step)
         embedding.vectors = _detached(embedding.vectors)
-        pictures = generate(family.pipe, prompt, negative, seed=seed, steps=steps, width=size[0], height=size[1],
-                            batch_size=count, embeddings={self.name: embedding}, encoder=self.prompt_encoder).images
+        pictures = generate(family.pipe, prompt, negative, seed=seed, steps=steps, cfg_scale=cfg_scale,
+                            width=size[0], height=size[1], batch_size=count, embeddings={self.name: embedding},
+                            encoder=self.prompt_encoder).images
         save_previews(pictures, output_dir, self.name, step)
         embedding.name = f"{self.name}-{step}"
         save_png_embedding(embedding, output_dir / "image_embeddings" / f"{self.name}-{step}.png", image=pictures[0])

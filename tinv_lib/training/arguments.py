@@ -74,6 +74,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_lr: str, def
     out.add_argument("--validation_seed", type=int, default=None, help="fixed preview seed (default: the run seed plus the step)")
     out.add_argument("--num_validation_images", type=int, default=1)
     out.add_argument("--validation_num_inference_steps", type=int, default=20)
+    out.add_argument("--validation_guidance_scale", type=float, default=7.0,
+                     help="preview CFG scale (A1111's default 7; small models such as models/toy want about 4)")
     out.add_argument("--log_csv_steps", type=int, default=10, help="a loss CSV row every N steps")
     out.add_argument("--report_to", choices=["tensorboard", "none"], default="tensorboard")
     out.add_argument("--checkpointing_steps", type=int, default=500, help="resumable checkpoint every N steps (0: off)")

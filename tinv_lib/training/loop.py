@@ -79,8 +79,8 @@ class TrainingTask(Protocol):
     def save_files(self, output_dir: Path, step: int, final: bool, optimizer_state: dict | None) -> list[Path]:
         """Write the trained artifact (intermediate or final); return the paths written."""
 
-    def preview(self, family, prompt: str, negative: str, seed: int, steps: int, size: tuple[int, int],
-                output_dir: Path, step: int, count: int) -> list:
+    def preview(self, family, prompt: str, negative: str, seed: int, steps: int, cfg_scale: float,
+                size: tuple[int, int], output_dir: Path, step: int, count: int) -> list:
         """Render preview images with the current state; return PIL images."""
 
 
@@ -348,7 +348,8 @@ def _preview(args, task, family, training_prompt: str, step: int, output_dir: Pa
         prompt = args.validation_prompt or training_prompt
         started = time.perf_counter()
         pictures = task.preview(family, prompt, args.validation_negative_prompt, seed,
-                                args.validation_num_inference_steps, size, output_dir, step, args.num_validation_images)
+                                args.validation_num_inference_steps, args.validation_guidance_scale, size,
+                                output_dir, step, args.num_validation_images)
         logger.images(step, pictures, prompt, time.perf_counter() - started)
     finally:
         task.set_training(True)
