@@ -1,0 +1,150 @@
+"""The shipped toy model and judge (`models/toy/`): they load, generate, follow prompts and judge
+fresh procedural images correctly; the pretraining recipe runs end to end in --quick mode."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tinv_lib.toy_world import judge as judge_lib
+from tinv_lib.toy_world.data import draw_images, make_scenes
+from tinv_lib.toy_world.examples import CONCEPT, concept_scenes
+from tinv_lib.toy_world.pipeline import DEFAULT_MODEL_DIR
+from tinv_lib.toy_world.scoring import load_default_judge, score_images
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return load_default_judge()
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from tinv_lib.models import load_base_model
+
+    pipe, info = load_base_model(DEFAULT_MODEL_DIR)
+    assert info.arch == "sd1" and info.prediction_type == "v_prediction"
+    return pipe
+
+
+def test_model_folder_is_small_and_sd1_shaped():
+    files = [p for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 40 * 2**20
+    index = json.loads((DEFAULT_MODEL_DIR / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert index["scheduler"][1] == "PNDMScheduler"
+    assert not list(DEFAULT_MODEL_DIR.rglob("*.bin")) and not list(DEFAULT_MODEL_DIR.rglob("*.pt"))
+
+
+def test_judge_is_accurate_on_fresh_procedural_images(judge):
+    scenes = make_scenes(seed=4242, count=400, outline_probability=0.3)
+    accuracy = judge_lib.accuracy(judge, draw_images(scenes), scenes)
+    assert all(value >= 0.98 for value in accuracy.values()), accuracy
+
+
+def test_judge_is_deterministic_and_scores_targets(judge):
+    scenes = concept_scenes()
+    images = draw_images(scenes)
+    first = judge_lib.judge_probabilities(judge, images)
+    again = judge_lib.judge_probabilities(judge, list(images))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert score_images(images, CONCEPT, judge)["match"] == 1.0
+    wrong = score_images(images, {"shape": "circle"}, judge)
+    assert wrong["match"] == 0.0 and wrong["seen"]["shape"] == {"star": len(scenes)}
+    with pytest.raises(ValueError, match="unknown colour"):
+        score_images(images, {"colour": "beige"}, judge)
+
+
+def test_pipeline_generates_64px_images_deterministically(pipe):
+    generate = lambda seed: pipe(  # noqa: E731
+        "a red circle on a white background", num_inference_steps=20, height=64, width=64,
+        generator=torch.Generator().manual_seed(seed),
+    ).images[0]
+    first = generate(1)
+    assert first.size == (64, 64)
+    assert np.array_equal(np.asarray(first), np.asarray(generate(1)))
+    assert not np.array_equal(np.asarray(first), np.asarray(generate(2)))
+
+
+def test_base_model_follows_prompts(pipe, judge):
+    import quality
+
+    # A regression guard for the committed model (it draws 5 of these 8 right); the issue's bar
+    # of 80% over 64 prompts is measured by benchmarks/quality.py (68.8% for this model).
+    result = quality.measure_prompt_following(pipe, judge, count=8, seed=1, steps=20)
+    assert result["n"] == 8 and result["match"] >= 0.5, result["seen"]
+
+
+def test_recipe_quick_mode_writes_a_loadable_model(tmp_path):
+    from tinv_lib.models import load_base_model
+    from tinv_lib.toy_world.recipe import REPORT_NAME, quick_config, run_recipe
+
+    out = tmp_path / "toy"
+    report = run_recipe(quick_config(out, tmp_path / "work"), log=lambda message: None)
+    assert set(report["timing"]["stages"]) == {"data", "vae", "judge", "diffusion"}
+    assert json.loads((out / REPORT_NAME).read_text())["timing"]["total_wall_s"] > 0
+    pipe, info = load_base_model(out)
+    assert info.arch == "sd1" and pipe.vae.config.scaling_factor == report_scaling(out)
+    assert judge_lib.load_judge(out / "judge").attributes["shape"][0] == "circle"
+
+
+def report_scaling(folder: Path) -> float:
+    return json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"]
+
+
+# ---------------------------------------------------------------- part B plumbing (the numbers: benchmarks/quality.py)
+
+def _short(flags, steps: str) -> list[str]:
+    flags = list(flags)
+    flags[flags.index("--max_train_steps") + 1] = steps
+    return flags
+
+
+def test_readme_quickstart_trains_what_the_quality_benchmark_measures():
+    """The README's one-line quickstart and quality.py's concept run use the same flags."""
+    import shlex
+
+    import quality
+
+    line = next(line for line in (ROOT / "README.md").read_text().splitlines()
+                if "train_textual_inversion.py --pretrained_model_name_or_path models/toy" in line)
+    argv = shlex.split(line.split("train_textual_inversion.py", 1)[1])
+    given = dict(zip(argv[::2], argv[1::2]))
+    expected = dict(zip(quality.CONCEPT_TRAINING_FLAGS[::2], quality.CONCEPT_TRAINING_FLAGS[1::2]))
+    assert {key: given.get(key) for key in expected} == expected
+
+
+def test_untrained_concept_embedding_draws_its_init_text(pipe, judge, tmp_path):
+    """The untrained side of acceptance 2 is the init text: 2 vectors from "star" draw exactly
+    "a photo of star star"; the trained side loads the file train_concept wrote."""
+    import quality
+
+    embedding, _ = quality.train_concept(DEFAULT_MODEL_DIR, tmp_path, _short(quality.CONCEPT_TRAINING_FLAGS, "2"))
+    result = quality.measure_concept(pipe, judge, embedding, count=2, steps=4)
+    assert result["trained"]["n"] == result["untrained"]["n"] == 2
+    plain = quality.tinv_generator(pipe, steps=4)(["a photo of star star"] * 2, [c.seed for c in result["cases"]])
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(plain, result["untrained"]["images"]))
+    assert not np.array_equal(np.asarray(plain[0]), np.asarray(result["trained"]["images"][0]))
+
+
+def test_style_measurement_applies_the_hypernetwork_only_at_multiplier_1(pipe, judge, tmp_path):
+    import quality
+
+    folder, _ = quality.train_style(DEFAULT_MODEL_DIR, tmp_path, _short(quality.STYLE_TRAINING_FLAGS, "2"))
+    assert (folder / f"{quality.STYLE_NAME}.pt").is_file()
+    result = quality.measure_style(pipe, judge, folder, count=2, steps=4)
+    plain = quality.tinv_generator(pipe, steps=4)([c.prompt for c in quality.style_cases(count=2)],
+                                                  [c.seed for c in quality.style_cases(count=2)])
+    same = lambda a, b: np.array_equal(np.asarray(a), np.asarray(b))  # noqa: E731
+    assert all(same(a, b) for a, b in zip(plain, result[0.0]["images"]))
+    assert not same(plain[0], result[1.0]["images"][0])
