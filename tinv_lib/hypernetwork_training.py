@@ -117,11 +117,11 @@ class HypernetworkTask:
                 encoded = self.prompt_encoder.encode([prompt])
             entry = (encoded.embeds[0], None if encoded.pooled is None else encoded.pooled[0])
             self._cache[prompt] = entry
-            self._cache_bytes += sum(t.numel() * t.element_size() for t in entry if t is not None)
+            self._cache_bytes += _bytes_of(entry)
         entries = [self._cache[p] for p in prompts]
         while self._cache_bytes > PROMPT_CACHE_BYTES and len(self._cache) > len(set(prompts)):
             _, evicted = self._cache.popitem(last=False)
-            self._cache_bytes -= sum(t.numel() * t.element_size() for t in evicted if t is not None)
+            self._cache_bytes -= _bytes_of(evicted)
         hidden = _stack_padded([entry[0] for entry in entries])
         pooled = [entry[1] for entry in entries]
         return hidden, (torch.stack(pooled) if pooled[0] is not None else None)
@@ -161,6 +161,10 @@ class HypernetworkTask:
                             width=size[0], height=size[1], batch_size=count, encoder=self.prompt_encoder).images
         save_previews(pictures, output_dir, self.name, step)
         return pictures
+
+
+def _bytes_of(tensors: tuple[torch.Tensor | None, ...]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _stack_padded(items: list[torch.Tensor]) -> torch.Tensor:
