@@ -211,11 +211,13 @@ STYLE_NAME = "outline"
 STYLE_DATA = ROOT / "examples" / "style_outline"
 
 # Captions name the scene but never the outline, so the hypernetwork learns "outline" as a style
-# of every prompt; the built-in `filewords` template uses the caption alone.
+# of every prompt; the built-in `filewords` template uses the caption alone. Only the text width
+# (96) gets modules, as A1111's "768 only" choice for SD 1.x: a style reaches the image through
+# the prompt's keys and values.
 STYLE_TRAINING_FLAGS = (
     "--train_data_dir", "examples/style_outline", "--hypernetwork_name", STYLE_NAME, "--resolution", "64",
-    "--template_file", "filewords", "--max_train_steps", "1000", "--learning_rate", "0.0005",
-    "--train_batch_size", "4",
+    "--template_file", "filewords", "--max_train_steps", "1000", "--learning_rate", "0.005",
+    "--train_batch_size", "4", "--sizes", "96",
 )
 
 
