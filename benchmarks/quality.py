@@ -6,9 +6,9 @@ and outline from a 64 px image, so "did it work" becomes a number. Three measure
 1. **prompt following**: images of "a {colour} {shape} on a {background} background" for
    sampled prompts and seeds; the judge must find the asked shape and colour (pass: 80%).
 2. **textual inversion**: the README quickstart's training run on `examples/concept/` (8 images
-   of a pink star on a checkered teal background, no captions); then "a photo of toy-concept"
+   of a pink triangle on a checkered teal background, no captions); then "a photo of toy-concept"
    over many seeds must show the whole combination (pass: 75%), while a fresh embedding from
-   the same init text ("star") must not (at most 25%).
+   the same init text ("triangle") must not (at most 25%).
 3. **hypernetwork**: a training run on `examples/style_outline/` (every shape with a black
    outline, captions that never say so); ordinary prompts with `<hypernet:outline:1>` must show
    the outline (pass: 75%), with `<hypernet:outline:0>` must not (at most 10%).
@@ -163,12 +163,12 @@ def image_grid(images: Sequence[Image.Image], columns: int = 8, scale: int = 2) 
 # ---------------------------------------------------------------- acceptance 2: textual inversion
 
 CONCEPT_TOKEN = "toy-concept"
-CONCEPT_INIT = "star"
+CONCEPT_INIT = "triangle"
 CONCEPT_PROMPT = f"a photo of {CONCEPT_TOKEN}"
 CONCEPT_DATA = ROOT / "examples" / "concept"
 
 # The README quickstart's training flags (a test keeps the two the same): the 8 example images,
-# the built-in `subject` templates, two vectors starting from "star".
+# the built-in `subject` templates, two vectors starting from "triangle".
 CONCEPT_TRAINING_FLAGS = (
     "--train_data_dir", "examples/concept", "--placeholder_token", CONCEPT_TOKEN,
     "--initializer_token", CONCEPT_INIT, "--num_vectors", "2", "--resolution", "64", "--template_file", "subject",

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "examples_style_outline.png": example_grid(ROOT / "examples" / "style_outline"),
         "quickstart_previews.png": preview_strip(args.quickstart_dir, args.quickstart_name),
         "concept_before_after.png": labelled_rows([
-            ("untrained\n(init text 'star')", first_row(args.grids / "concept_untrained.png")),
+            ("untrained\n(init text 'triangle')", first_row(args.grids / "concept_untrained.png")),
             ("trained\n(quickstart command)", first_row(args.grids / "concept_trained.png")),
         ]),
         "style_before_after.png": labelled_rows([

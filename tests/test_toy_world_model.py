@@ -60,7 +60,7 @@ def test_judge_is_deterministic_and_scores_targets(judge):
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert score_images(images, CONCEPT, judge)["match"] == 1.0
     wrong = score_images(images, {"shape": "circle"}, judge)
-    assert wrong["match"] == 0.0 and wrong["seen"]["shape"] == {"star": len(scenes)}
+    assert wrong["match"] == 0.0 and wrong["seen"]["shape"] == {"triangle": len(scenes)}
     with pytest.raises(ValueError, match="unknown colour"):
         score_images(images, {"colour": "beige"}, judge)
 
@@ -125,14 +125,14 @@ def test_readme_quickstart_trains_what_the_quality_benchmark_measures():
 
 
 def test_untrained_concept_embedding_draws_its_init_text(pipe, judge, tmp_path):
-    """The untrained side of acceptance 2 is the init text: 2 vectors from "star" draw exactly
-    "a photo of star star"; the trained side loads the file train_concept wrote."""
+    """The untrained side of acceptance 2 is the init text: 2 vectors from "triangle" draw
+    exactly "a photo of triangle triangle"; the trained side loads the file train_concept wrote."""
     import quality
 
     embedding, _ = quality.train_concept(DEFAULT_MODEL_DIR, tmp_path, _short(quality.CONCEPT_TRAINING_FLAGS, "2"))
     result = quality.measure_concept(pipe, judge, embedding, count=2, steps=4)
     assert result["trained"]["n"] == result["untrained"]["n"] == 2
-    plain = quality.tinv_generator(pipe, steps=4)(["a photo of star star"] * 2, [c.seed for c in result["cases"]])
+    plain = quality.tinv_generator(pipe, steps=4)(["a photo of triangle triangle"] * 2, [c.seed for c in result["cases"]])
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(plain, result["untrained"]["images"]))
     assert not np.array_equal(np.asarray(plain[0]), np.asarray(result["trained"]["images"][0]))
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from tinv_lib.toy_world.data import make_scenes, write_example_folder
 from tinv_lib.toy_world.world import Scene, caption
 
-CONCEPT = {"shape": "star", "colour": "pink", "background": "checkered", "background_colour": "teal"}
+CONCEPT = {"shape": "triangle", "colour": "pink", "background": "checkered", "background_colour": "teal"}
 CONCEPT_IMAGES = 8
 STYLE_IMAGES = 16
 STYLE_TARGET = {"outline": "yes"}
