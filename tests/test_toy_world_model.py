@@ -110,17 +110,21 @@ def _short(flags, steps: str) -> list[str]:
     return flags
 
 
-def test_readme_quickstart_trains_what_the_quality_benchmark_measures():
-    """The README's one-line quickstart and quality.py's concept run use the same flags."""
+@pytest.mark.parametrize("script, flags_name", [
+    ("train_textual_inversion.py", "CONCEPT_TRAINING_FLAGS"), ("train_hypernetwork.py", "STYLE_TRAINING_FLAGS"),
+])
+def test_readme_commands_train_what_the_quality_benchmark_measures(script, flags_name):
+    """The README's quickstart and hypernetwork commands use quality.py's training flags."""
     import shlex
 
     import quality
 
     line = next(line for line in (ROOT / "README.md").read_text().splitlines()
-                if "train_textual_inversion.py --pretrained_model_name_or_path models/toy" in line)
-    argv = shlex.split(line.split("train_textual_inversion.py", 1)[1])
+                if f"{script} --pretrained_model_name_or_path models/toy" in line)
+    argv = shlex.split(line.split(script, 1)[1])
     given = dict(zip(argv[::2], argv[1::2]))
-    expected = dict(zip(quality.CONCEPT_TRAINING_FLAGS[::2], quality.CONCEPT_TRAINING_FLAGS[1::2]))
+    flags = getattr(quality, flags_name)
+    expected = dict(zip(flags[::2], flags[1::2]))
     assert {key: given.get(key) for key in expected} == expected
 
 
@@ -148,3 +152,16 @@ def test_style_measurement_applies_the_hypernetwork_only_at_multiplier_1(pipe, j
     same = lambda a, b: np.array_equal(np.asarray(a), np.asarray(b))  # noqa: E731
     assert all(same(a, b) for a, b in zip(plain, result[0.0]["images"]))
     assert not same(plain[0], result[1.0]["images"][0])
+    # at multiplier 1 an outline counts only on an image that still shows the prompt's shape and colour
+    assert set(result[1.0]["per_attribute"]) == {"outline", *quality.PROMPT_TARGET}
+    assert set(result[0.0]["per_attribute"]) == {"outline"}
+
+
+def test_style_cases_keep_the_prompts_own_attributes():
+    import quality
+
+    plain = quality.prompt_following_cases(4)
+    style = quality.style_cases(count=4, prompt_keys=("shape", "colour"))
+    assert [c.prompt for c in style] == [c.prompt for c in plain]
+    assert all(s.target == {"shape": p.target["shape"], "colour": p.target["colour"], "outline": "yes"}
+               for s, p in zip(style, plain))
