@@ -152,16 +152,7 @@ def test_style_measurement_applies_the_hypernetwork_only_at_multiplier_1(pipe, j
     same = lambda a, b: np.array_equal(np.asarray(a), np.asarray(b))  # noqa: E731
     assert all(same(a, b) for a, b in zip(plain, result[0.0]["images"]))
     assert not same(plain[0], result[1.0]["images"][0])
-    # at multiplier 1 an outline counts only on an image that still shows the prompt's shape and colour
-    assert set(result[1.0]["per_attribute"]) == {"outline", *quality.PROMPT_TARGET}
-    assert set(result[0.0]["per_attribute"]) == {"outline"}
-
-
-def test_style_cases_keep_the_prompts_own_attributes():
-    import quality
-
-    plain = quality.prompt_following_cases(4)
-    style = quality.style_cases(count=4, prompt_keys=("shape", "colour"))
-    assert [c.prompt for c in style] == [c.prompt for c in plain]
-    assert all(s.target == {"shape": p.target["shape"], "colour": p.target["colour"], "outline": "yes"}
-               for s, p in zip(style, plain))
+    # the same images, judged on the prompt's shape and colour (the on-prompt guard)
+    assert result["on_prompt"][0.0]["images"] is result[0.0]["images"]
+    assert set(result["on_prompt"][1.0]["per_attribute"]) == set(quality.PROMPT_TARGET)
+    assert set(result[1.0]["per_attribute"]) == {"outline"}
