@@ -9,10 +9,11 @@ and outline from a 64 px image, so "did it work" becomes a number. Three measure
    of a pink triangle on a checkered teal background, no captions); then "a photo of toy-concept"
    over many seeds must show the whole combination (pass: 75%), while a fresh embedding from
    the same init text ("triangle") must not (at most 25%).
-3. **hypernetwork**: a training run on `examples/style_outline/` (every shape with a black
-   outline, captions that never say so); ordinary prompts with `<hypernet:outline:1>` must show
-   the outline (pass: 75%) and keep 80% of the prompt following they have at
-   `<hypernet:outline:0>`, which must not show the outline (at most 10%).
+3. **hypernetwork**: the README's training run on `examples/style_colour_shift/` (every shape
+   drawn in the next colour round the palette, captions naming the colour asked for); ordinary
+   prompts with `<hypernet:colour-shift:1>` must show the shifted colour (pass: 75%) and keep 80%
+   of the right shapes they have at `<hypernet:colour-shift:0>`, which must not show the shift
+   (at most 10%).
 
 A `Case` is (prompt, seed, target); a generator turns prompts and seeds into images
 (`pipeline_generator` for a bare pipeline, `tinv_generator` through tinv's own prompt
@@ -45,7 +46,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from tinv_lib.toy_world import world  # noqa: E402
-from tinv_lib.toy_world.examples import CONCEPT, STYLE_TARGET  # noqa: E402
+from tinv_lib.toy_world.examples import CONCEPT, style_target  # noqa: E402
 from tinv_lib.toy_world.judge import load_judge  # noqa: E402
 from tinv_lib.toy_world.pipeline import DEFAULT_MODEL_DIR, load_toy_pipeline  # noqa: E402
 from tinv_lib.toy_world.scoring import JUDGE_SUBFOLDER, score_images  # noqa: E402
@@ -92,10 +93,11 @@ def concept_cases(prompt: str, target: Mapping[str, str], count: int = 32, seed:
     return [Case(prompt, seed * 100_000 + 50_000 + index, dict(target)) for index in range(count)]
 
 
-def style_cases(target: Mapping[str, str] = STYLE_TARGET, count: int = 64, seed: int = 0) -> list[Case]:
-    """Ordinary prompts (those of `prompt_following_cases`) judged only on a style, e.g. the
-    outline: a hypernetwork at multiplier 1 should show it, at multiplier 0 not (acceptance 3)."""
-    return [Case(c.prompt, c.seed, dict(target)) for c in prompt_following_cases(count, seed)]
+def style_cases(count: int = 64, seed: int = 0) -> list[Case]:
+    """Ordinary prompts (those of `prompt_following_cases`) judged only on the style: the shape
+    colour shifted from the one asked for. A hypernetwork at multiplier 1 should show it, at
+    multiplier 0 not (acceptance 3)."""
+    return [Case(c.prompt, c.seed, style_target(c.target["colour"])) for c in prompt_following_cases(count, seed)]
 
 
 def pipeline_generator(
@@ -208,23 +210,22 @@ def measure_concept(pipe, judge, embedding_file: Path, count: int = 32, seed: in
 
 # ---------------------------------------------------------------- acceptance 3: hypernetworks
 
-STYLE_NAME = "outline"
-STYLE_DATA = ROOT / "examples" / "style_outline"
+STYLE_NAME = "colour-shift"
+STYLE_DATA = ROOT / "examples" / "style_colour_shift"
 
-# Captions name the scene but never the outline, so the hypernetwork learns "outline" as a style
-# of every prompt; the built-in `filewords` template uses the caption alone. Only the text width
-# (96) gets modules, as A1111's "768 only" choice for SD 1.x: a style reaches the image through
-# the prompt's keys and values. These flags do not pass yet; the settings screened against both
-# acceptance-3 rows are listed in docs/toy_world.md ("The hypernetwork is not there yet").
+# Captions name the colour asked for, never the one drawn, so the hypernetwork learns the shift
+# as a style of every prompt; the built-in `filewords` template uses the caption alone. Only the
+# text width (96) gets modules, as A1111's "768 only" choice for SD 1.x: a style reaches the image
+# through the prompt's keys and values. The settings screened are in docs/toy_world.md.
 STYLE_TRAINING_FLAGS = (
-    "--train_data_dir", "examples/style_outline", "--hypernetwork_name", STYLE_NAME, "--resolution", "64",
-    "--template_file", "filewords", "--max_train_steps", "1000", "--learning_rate", "0.005",
+    "--train_data_dir", "examples/style_colour_shift", "--hypernetwork_name", STYLE_NAME, "--resolution", "64",
+    "--template_file", "filewords", "--max_train_steps", "2000", "--learning_rate", "0.001",
     "--train_batch_size", "4", "--sizes", "96",
 )
 
 
 def train_style(model: Path, output_dir: Path, flags: Sequence[str] = STYLE_TRAINING_FLAGS) -> tuple[Path, float]:
-    """Run train_hypernetwork on the outline examples; return the folder holding it and seconds."""
+    """Run train_hypernetwork on the style examples (README flags); return its folder and seconds."""
     from tinv_lib.hypernetwork_training import main as train_hypernetwork
 
     started = time.time()
@@ -236,26 +237,26 @@ def train_style(model: Path, output_dir: Path, flags: Sequence[str] = STYLE_TRAI
 
 
 # A style must be added to what the prompt asks, not replace it: a hypernetwork that wrecks the
-# image leaves dark, broken edges that the judge (which never saw such images) can read as an
-# outline. Measured: a run at lr 1e-2 diverged at step 400 and the judge saw an outline in 73% of
-# its noise. So the images at multiplier 1 must also keep 80% of multiplier 0's prompt following
-# (right shape and colour); the base model asked in words "with a black outline" keeps about that
-# much (shape 84%, colour 81%, outline 100% of 32 at seed 1).
+# image still leaves some colour, one in 8 of them the "shifted" one by chance, and an earlier
+# outline style showed how far that goes (a run at lr 1e-2 diverged and the judge read an outline
+# in 73% of its noise). So the images at multiplier 1 must also keep 80% of multiplier 0's right
+# shapes: the shape is the part of the prompt the style leaves alone.
 ON_PROMPT_SHARE = 0.8
+ON_PROMPT_TARGET = ("shape",)
 
 
 def measure_style(pipe, judge, hypernetwork_dir: Path, count: int = 64, seed: int = 0, **sampling) -> dict:
-    """Acceptance 3: ordinary prompts with `<hypernet:outline:M>` for M = 1 and 0, judged on the
-    outline. Returns {1.0: result, 0.0: result, "on_prompt": {1.0: result, 0.0: result}}, the
-    last the same images judged on the prompt's shape and colour."""
+    """Acceptance 3: ordinary prompts with `<hypernet:colour-shift:M>` for M = 1 and 0, judged on
+    the shifted colour. Returns {1.0: result, 0.0: result, "on_prompt": {1.0: result, 0.0: result}},
+    the last the same images judged on the prompt's shape."""
     from tinv_lib.extra_networks import HypernetworkHandler
 
     handler = HypernetworkHandler(hypernetwork_dir, notify=lambda message: None)
-    prompt_targets = [{k: c.target[k] for k in PROMPT_TARGET} for c in prompt_following_cases(count, seed)]
+    prompt_targets = [{k: c.target[k] for k in ON_PROMPT_TARGET} for c in prompt_following_cases(count, seed)]
     results: dict = {"on_prompt": {}}
     for multiplier in (1.0, 0.0):
         cases = [Case(f"{c.prompt} <hypernet:{STYLE_NAME}:{multiplier:g}>", c.seed, c.target)
-                 for c in style_cases(STYLE_TARGET, count, seed)]
+                 for c in style_cases(count, seed)]
         generate = tinv_generator(pipe, extra_networks={"hypernet": handler}, **sampling)
         results[multiplier] = run_cases(generate, cases, judge)
         on_prompt = score_images(results[multiplier]["images"], prompt_targets, judge)
@@ -374,11 +375,11 @@ def main(argv: list[str] | None = None) -> int:
         folder, seconds = train_style(args.model, args.work_dir / "style")
         print(f"3. hypernetwork: trained {folder / (STYLE_NAME + '.pt')} in {seconds:.0f}s")
         style = measure_style(pipe, judge, folder, args.num_prompts, args.seed, **sampling)
-        report("style_1", "   ordinary prompts, multiplier 1 (outline seen)", style[1.0], 0.75)
-        report("style_0", "   ordinary prompts, multiplier 0 (outline seen)", style[0.0], 0.10, at_most=True)
-        base_following = style["on_prompt"][0.0]["match"]
-        report("style_1_on_prompt", f"   multiplier 1 still on prompt (right shape and colour; multiplier 0: "
-               f"{base_following:.1%})", style["on_prompt"][1.0], ON_PROMPT_SHARE * base_following)
+        report("style_1", "   ordinary prompts, multiplier 1 (colour shifted)", style[1.0], 0.75)
+        report("style_0", "   ordinary prompts, multiplier 0 (colour shifted)", style[0.0], 0.10, at_most=True)
+        base_shapes = style["on_prompt"][0.0]["match"]
+        report("style_1_on_prompt", f"   multiplier 1 still on prompt (right shape; multiplier 0: {base_shapes:.1%})",
+               style["on_prompt"][1.0], ON_PROMPT_SHARE * base_shapes)
     if args.save_grids:
         args.save_grids.mkdir(parents=True, exist_ok=True)
         for name, result in results.items():

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write the toy world's example datasets (README quickstart): `examples/concept/` (8 images of
-one concept for textual inversion) and `examples/style_outline/` (outlined shapes with plain
-captions for a hypernetwork). Deterministic; rerunning rewrites identical files.
+one concept for textual inversion) and `examples/style_colour_shift/` (shapes drawn in the next
+colour round the palette, captioned with the colour asked for, for a hypernetwork). Deterministic; rerunning rewrites identical files.
 
     python recipes/make_toy_examples.py [--root examples]
 """

@@ -83,15 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     pictures = {
         "examples_concept.png": example_grid(ROOT / "examples" / "concept"),
-        "examples_style_outline.png": example_grid(ROOT / "examples" / "style_outline"),
+        "examples_style_colour_shift.png": example_grid(ROOT / "examples" / "style_colour_shift"),
         "quickstart_previews.png": preview_strip(args.quickstart_dir, args.quickstart_name),
         "concept_before_after.png": labelled_rows([
             ("untrained\n(init text 'triangle')", first_row(args.grids / "concept_untrained.png")),
             ("trained\n(quickstart command)", first_row(args.grids / "concept_trained.png")),
         ]),
         "style_before_after.png": labelled_rows([
-            ("<hypernet:outline:0>", first_row(args.grids / "style_0.png")),
-            ("<hypernet:outline:1>", first_row(args.grids / "style_1.png")),
+            ("<hypernet:colour-shift:0>", first_row(args.grids / "style_0.png")),
+            ("<hypernet:colour-shift:1>", first_row(args.grids / "style_1.png")),
         ]),
         "prompt_following.png": first_row(args.grids / "prompts.png"),
     }

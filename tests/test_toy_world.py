@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
 
 from tinv_lib.toy_world import draw, world
 from tinv_lib.toy_world.data import make_scenes, read_example_scenes, training_caption
-from tinv_lib.toy_world.examples import CONCEPT, CONCEPT_IMAGES, concept_scenes, style_scenes, write_examples
+from tinv_lib.toy_world.examples import (
+    CONCEPT, CONCEPT_IMAGES, COLOUR_SHIFT, STYLE_IMAGES, concept_scenes, style_scenes, write_examples,
+)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +104,13 @@ def test_examples_show_the_concept_and_the_style(tmp_path):
     assert all({k: s.labels()[k] for k in CONCEPT} == CONCEPT for s in concept)
     assert concept == concept_scenes() and len({(s.cx, s.cy) for s in concept}) == CONCEPT_IMAGES
     assert not list(folders["concept"].glob("*.txt"))  # no words for the concept
-    style = read_example_scenes(folders["style_outline"])
-    assert style == style_scenes() and all(s.outline for s in style)
-    for txt in folders["style_outline"].glob("*.txt"):
-        assert "outline" not in txt.read_text()
+    # the style: the caption asks for one colour, the image (and its ground truth) has the next
+    drawn = read_example_scenes(folders["style_colour_shift"])
+    captions = [p.read_text().strip() for p in sorted(folders["style_colour_shift"].glob("*.txt"))]
+    assert len(drawn) == len(captions) == STYLE_IMAGES
+    for (asked, shown), scene, text in zip(style_scenes(), drawn, captions):
+        assert scene == shown and text == world.caption(asked)
+        assert scene.colour == COLOUR_SHIFT[asked.colour] != asked.colour
+        assert {**scene.to_dict(), "colour": None} == {**asked.to_dict(), "colour": None}
+    assert sorted(COLOUR_SHIFT.values()) == sorted(COLOUR_SHIFT)  # a permutation: every colour reachable
+    assert Counter(a.colour for a, _ in style_scenes()) == {c: STYLE_IMAGES // len(COLOUR_SHIFT) for c in COLOUR_SHIFT}

@@ -13,7 +13,7 @@ import torch
 
 from tinv_lib.toy_world import judge as judge_lib
 from tinv_lib.toy_world.data import draw_images, make_scenes
-from tinv_lib.toy_world.examples import CONCEPT, concept_scenes
+from tinv_lib.toy_world.examples import COLOUR_SHIFT, CONCEPT, concept_scenes
 from tinv_lib.toy_world.pipeline import DEFAULT_MODEL_DIR
 from tinv_lib.toy_world.scoring import load_default_judge, score_images
 
@@ -152,7 +152,9 @@ def test_style_measurement_applies_the_hypernetwork_only_at_multiplier_1(pipe, j
     same = lambda a, b: np.array_equal(np.asarray(a), np.asarray(b))  # noqa: E731
     assert all(same(a, b) for a, b in zip(plain, result[0.0]["images"]))
     assert not same(plain[0], result[1.0]["images"][0])
-    # the same images, judged on the prompt's shape and colour (the on-prompt guard)
+    # judged on the shifted colour, and the same images on the prompt's shape (the on-prompt guard)
+    assert [c.target for c in quality.style_cases(count=2)] == [
+        {"colour": COLOUR_SHIFT[c.target["colour"]]} for c in quality.prompt_following_cases(2)]
     assert result["on_prompt"][0.0]["images"] is result[0.0]["images"]
-    assert set(result["on_prompt"][1.0]["per_attribute"]) == set(quality.PROMPT_TARGET)
-    assert set(result[1.0]["per_attribute"]) == {"outline"}
+    assert set(result["on_prompt"][1.0]["per_attribute"]) == {"shape"}
+    assert set(result[1.0]["per_attribute"]) == {"colour"}
