@@ -1,8 +1,8 @@
 """Scoring generated images against a target: the quality metric no peer has.
 
 A target is a partial ground truth, e.g. `{"shape": "star", "colour": "red"}` for a prompt, the
-full labels of a concept for a textual-inversion embedding, or `{"outline": "yes"}` for a style
-hypernetwork. An image matches when the judge finds every targeted attribute.
+full labels of a concept for a textual-inversion embedding, or `{"colour": "orange"}` for a
+colour-shift hypernetwork asked for red. An image matches when the judge finds every targeted attribute.
 """
 
 from __future__ import annotations
