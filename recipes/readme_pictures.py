@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             ("trained\n(quickstart command)", first_row(args.grids / "concept_trained.png")),
         ]),
         "style_before_after.png": labelled_rows([
-            ("<hypernet:colour-shift:0>", first_row(args.grids / "style_0.png")),
-            ("<hypernet:colour-shift:1>", first_row(args.grids / "style_1.png")),
+            # the default font has no colon, so the labels spell the multiplier out
+            ("colour-shift\nmultiplier 0", first_row(args.grids / "style_0.png")),
+            ("colour-shift\nmultiplier 1", first_row(args.grids / "style_1.png")),
         ]),
         "prompt_following.png": first_row(args.grids / "prompts.png"),
     }
