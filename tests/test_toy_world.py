@@ -11,7 +11,13 @@ import pytest
 from tinv_lib.toy_world import draw, world
 from tinv_lib.toy_world.data import make_scenes, read_example_scenes, training_caption
 from tinv_lib.toy_world.examples import (
-    CONCEPT, CONCEPT_IMAGES, COLOUR_SHIFT, STYLE_IMAGES, concept_scenes, style_scenes, write_examples,
+    COLOUR_SHIFT,
+    CONCEPT,
+    CONCEPT_IMAGES,
+    STYLE_IMAGES,
+    concept_scenes,
+    style_scenes,
+    write_examples,
 )
 
 
