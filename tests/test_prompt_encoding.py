@@ -12,6 +12,7 @@ from tinv_lib.embeddings import Embedding
 from tinv_lib.embeddings.create import create_embedding, create_embedding_vectors
 from tinv_lib.errors import TinvError
 from tinv_lib.prompt_encoding import PromptEncoder
+from tinv_lib.tiny_models import build_tiny_pipeline
 
 ARCHS = ["sd1", "sd2-v", "sdxl"]
 
@@ -78,8 +79,6 @@ def test_create_embedding_vectors_follows_a1111_rule():
 
 
 def test_emphasis_arithmetic_matches_a1111():
-    from tinv_lib.tiny_models import build_tiny_pipeline
-
     pipe = build_tiny_pipeline("sd1")
     # A freshly built encoder's final LayerNorm has zero bias, so every token's hidden state
     # averages 0 and "restore the mean" would compare float noise; a real CLIP's bias does not.
