@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--diffusion_steps", type=int, default=defaults.diffusion.steps)
     parser.add_argument("--batch_size", type=int, default=defaults.diffusion.batch_size, help="diffusion batch size")
     parser.add_argument("--learning_rate", type=float, default=defaults.diffusion.lr, help="diffusion learning rate")
+    parser.add_argument("--mid_noise_share", type=float, default=defaults.diffusion.mid_noise_share,
+                        help="share of diffusion timesteps drawn around mid noise (the committed model: 0)")
     parser.add_argument("--judge_steps", type=int, default=defaults.judge_steps)
     parser.add_argument("--quick", action="store_true", help="tiny numbers for every stage (smoke test)")
     return parser.parse_args(argv)
@@ -52,7 +54,7 @@ def config_from_args(args: argparse.Namespace) -> RecipeConfig:
         num_images=args.num_images, vae_steps=args.vae_steps, judge_steps=args.judge_steps,
         diffusion=dataclasses.replace(
             defaults.diffusion, steps=args.diffusion_steps, batch_size=args.batch_size, lr=args.learning_rate,
-            seed=args.seed,
+            mid_noise_share=args.mid_noise_share, seed=args.seed,
         ),
     )
 

@@ -110,6 +110,7 @@ class DiffusionTraining:
     drop_all: float = 0.1
     drop_colour: float = 0.1
     drop_background: float = 0.2
+    mid_noise_share: float = 0.0
     seed: int = 0
 
 
@@ -148,6 +149,27 @@ def loss_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: f
     return torch.clamp(snr, max=gamma) / snr
 
 
+def sample_timesteps(count: int, num_train_timesteps: int, mid_noise_share: float, generator: torch.Generator) -> torch.Tensor:
+    """Training timesteps: uniform, except that a `mid_noise_share` of them come from a
+    logit-normal centred on t = 0.45 * T (SNR about 0.3).
+
+    With this toy schedule a uniform draw spends a quarter of every batch above t = 750, where
+    SNR < 0.01 and the latent is all but pure noise, and a tenth below t = 100, whose loss
+    `loss_weights` caps. The shape and the colour are decided between. Measured on the same
+    cached latents, 500 steps each: uniform timesteps drew the asked colour in 33% of 64 prompts,
+    half from mid noise in 61% (background colour 83% -> 97%). Shapes come later, and a whole
+    65-minute recipe with it (2200 steps at lr 1.6e-3) still drew the right shape in only 56%,
+    so the committed model does not use it (docs/toy_world.md, Numbers).
+    """
+    uniform = torch.randint(0, num_train_timesteps, (count,), generator=generator)
+    if not mid_noise_share:
+        return uniform
+    logit = torch.randn(count, generator=generator) - 0.2
+    mid = (torch.sigmoid(logit) * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+    pick_mid = torch.rand(count, generator=generator) < mid_noise_share
+    return torch.where(pick_mid, mid, uniform)
+
+
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
@@ -163,7 +185,7 @@ def diffusion_loss(
     noise = torch.randn(latents.shape, generator=generator)
     if cfg.noise_offset:
         noise += cfg.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, cfg.mid_noise_share, generator)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     context = text_encoder(input_ids)[0]
     prediction = unet(noisy, timesteps, context).sample
