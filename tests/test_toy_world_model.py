@@ -19,6 +19,7 @@ from tinv_lib.toy_world.scoring import load_default_judge, score_images
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "recipes"))
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +97,29 @@ def test_recipe_quick_mode_writes_a_loadable_model(tmp_path):
     pipe, info = load_base_model(out)
     assert info.arch == "sd1" and pipe.vae.config.scaling_factor == report_scaling(out)
     assert judge_lib.load_judge(out / "judge").attributes["shape"][0] == "circle"
+
+
+def test_recipe_defaults_are_the_committed_model_and_flags_reach_the_config():
+    import dataclasses
+
+    import pretrain_toy_model
+
+    from tinv_lib.toy_world.recipe import REPORT_NAME, RecipeConfig
+
+    assert pretrain_toy_model.config_from_args(pretrain_toy_model.parse_args([])) == RecipeConfig()
+    # The committed model's report names every setting it was trained with; settings added
+    # since must default to the behaviour it had (uniform timesteps).
+    committed = json.loads((DEFAULT_MODEL_DIR / REPORT_NAME).read_text())["config"]
+    defaults = dataclasses.asdict(RecipeConfig())
+    for key, value in committed.items():
+        if key == "diffusion":
+            assert {k: defaults[key][k] for k in value} == value
+        elif key not in ("output_dir", "work_dir"):
+            assert defaults[key] == value, key
+    assert defaults["diffusion"]["mid_noise_share"] == 0.0
+    argv = ["--mid_noise_share", "0.5", "--diffusion_steps", "10", "--seed", "3"]
+    cfg = pretrain_toy_model.config_from_args(pretrain_toy_model.parse_args(argv))
+    assert (cfg.diffusion.mid_noise_share, cfg.diffusion.steps, cfg.diffusion.seed, cfg.seed) == (0.5, 10, 3, 3)
 
 
 def report_scaling(folder: Path) -> float:
