@@ -141,4 +141,3 @@ def test_training_timesteps_favour_mid_noise_only_when_asked():
     # about 50% and 17%.
     assert share(uniform, 250, 650) < 0.42 and share(mixed, 250, 650) > 0.48
     assert share(uniform, 750, 1000) > 0.23 and share(mixed, 750, 1000) < 0.2
-

@@ -87,33 +87,31 @@ def test_base_model_follows_prompts(pipe, judge):
     assert result["n"] == 8 and result["match"] >= 0.5, result["seen"]
 
 
-def test_recipe_quick_mode_writes_a_loadable_model(tmp_path):
+def test_recipe_quick_mode_writes_a_loadable_model_that_repeats_bit_for_bit(tmp_path):
+    """Every stage runs and the folder loads; two runs from scratch (separate work folders, so
+    the VAE is trained twice too) write the same weights, and a different seed does not."""
+    from safetensors.torch import load_file
+
     from tinv_lib.models import load_base_model
     from tinv_lib.toy_world.recipe import REPORT_NAME, quick_config, run_recipe
 
-    out = tmp_path / "toy"
-    report = run_recipe(quick_config(out, tmp_path / "work"), log=lambda message: None)
+    def run(name: str, seed: int) -> tuple[dict, dict[str, torch.Tensor]]:
+        out = tmp_path / name
+        report = run_recipe(dataclasses.replace(quick_config(out, tmp_path / f"{name}-work"), seed=seed),
+                            log=lambda message: None)
+        weights = {f"{f.parent.name}/{key}": tensor
+                   for f in sorted(out.rglob("*.safetensors")) for key, tensor in load_file(f).items()}
+        return report, weights
+
+    report, first = run("first", 0)
+    out = tmp_path / "first"
     assert set(report["timing"]["stages"]) == {"data", "vae", "judge", "diffusion"}
     assert json.loads((out / REPORT_NAME).read_text())["timing"]["total_wall_s"] > 0
     pipe, info = load_base_model(out)
     assert info.arch == "sd1" and pipe.vae.config.scaling_factor == report_scaling(out)
     assert judge_lib.load_judge(out / "judge").attributes["shape"][0] == "circle"
 
-
-def test_recipe_repeats_bit_for_bit_from_its_seed(tmp_path):
-    """Two runs from scratch (separate work folders, so the VAE is trained twice too) write the
-    same weights; a different seed does not."""
-    from safetensors.torch import load_file
-
-    from tinv_lib.toy_world.recipe import quick_config, run_recipe
-
-    def weights(name: str, seed: int) -> dict[str, torch.Tensor]:
-        out = tmp_path / name
-        run_recipe(dataclasses.replace(quick_config(out, tmp_path / f"{name}-work"), seed=seed), log=lambda m: None)
-        return {f"{f.parent.name}/{key}": tensor
-                for f in sorted(out.rglob("*.safetensors")) for key, tensor in load_file(f).items()}
-
-    first, again, other = weights("first", 0), weights("again", 0), weights("other", 1)
+    (_, again), (_, other) = run("again", 0), run("other", 1)
     assert {name.split("/")[0] for name in first} == {"judge", "text_encoder", "unet", "vae"}
     assert first.keys() == again.keys() == other.keys()
     assert all(torch.equal(first[name], again[name]) for name in first)
