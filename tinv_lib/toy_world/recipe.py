@@ -37,6 +37,7 @@ class RecipeConfig:
     work_dir: Path = Path("runs/toy_pretrain")
     seed: int = 0
     threads: int = 2
+    diffusion_processes: int = 1
     num_images: int = 24000
     outline_probability: float = 0.2
     vae_steps: int = 1200
@@ -137,7 +138,8 @@ def diffusion_stage(cfg: RecipeConfig, vae, scenes, latents: torch.Tensor, log: 
         log(f"checkpoint at step {step} in {cfg.work_dir / 'checkpoint'}")
 
     unet, text_encoder = diffusion.train_diffusion(
-        unet, text_encoder, tokenizer, latents, scenes, cfg.diffusion, report, checkpoint, cfg.checkpoint_every
+        unet, text_encoder, tokenizer, latents, scenes, cfg.diffusion, report, checkpoint, cfg.checkpoint_every,
+        processes=cfg.diffusion_processes,
     )
     return tokenizer, text_encoder, unet
 
