@@ -37,14 +37,14 @@ class RecipeConfig:
     work_dir: Path = Path("runs/toy_pretrain")
     seed: int = 0
     threads: int = 2
-    diffusion_processes: int = 1
+    diffusion_processes: int = 2
     num_images: int = 24000
     outline_probability: float = 0.2
-    vae_steps: int = 1200
+    vae_steps: int = 800
     vae_batch_size: int = 32
     vae_lr: float = 2e-3
     diffusion: diffusion.DiffusionTraining = field(default_factory=diffusion.DiffusionTraining)
-    judge_steps: int = 1200
+    judge_steps: int = 600
     judge_reconstructions: int = 4000
     judge_test_images: int = 1000
     checkpoint_every: int = 500
