@@ -37,6 +37,7 @@ from tinv_lib.training.data import (
     sample_latent,
     seeded,
 )
+from tinv_lib.training.distributed import average_gradients
 from tinv_lib.training.logs import RunLogger
 from tinv_lib.training.lr_schedule import ScheduleString, build_schedule
 from tinv_lib.training.signals import StopRequest
@@ -108,10 +109,7 @@ def _mix_across_processes(accelerator, params, loss_sum: float, bad: bool, stop:
         return loss_sum, bad, stop
     flags = torch.tensor([loss_sum, float(bad), float(stop)], dtype=torch.float64, device=accelerator.device)
     torch.distributed.all_reduce(flags)
-    for param in params:
-        if param.grad is not None:
-            torch.distributed.all_reduce(param.grad)
-            param.grad.div_(world)
+    average_gradients(params, world)
     return flags[0].item() / world, flags[1].item() > 0, flags[2].item() > 0
 
 
