@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Pretrain the toy world's SD-1.x-layout model and its judge from scratch (README "Toy world").
 
-    python recipes/pretrain_toy_model.py            # the committed model; 90 min on 2 CPU cores
+    python recipes/pretrain_toy_model.py            # the committed model; 49 min on 2 CPU cores
     python recipes/pretrain_toy_model.py --quick --output_dir /tmp/toy   # every stage in seconds
 
 Deterministic from --seed on a given machine and thread count. Writes a diffusers folder with

@@ -38,13 +38,13 @@ class RecipeConfig:
     seed: int = 0
     threads: int = 2
     diffusion_processes: int = 2
-    num_images: int = 24000
+    num_images: int = 16000
     outline_probability: float = 0.2
-    vae_steps: int = 800
+    vae_steps: int = 600
     vae_batch_size: int = 32
     vae_lr: float = 2e-3
     diffusion: diffusion.DiffusionTraining = field(default_factory=diffusion.DiffusionTraining)
-    judge_steps: int = 600
+    judge_steps: int = 500
     judge_reconstructions: int = 4000
     judge_test_images: int = 1000
     checkpoint_every: int = 500
