@@ -52,9 +52,10 @@ from tinv_lib.toy_world.pipeline import DEFAULT_MODEL_DIR, load_toy_pipeline  # 
 from tinv_lib.toy_world.scoring import JUDGE_SUBFOLDER, score_images  # noqa: E402
 
 DEFAULT_STEPS = 25
-# Measured on the committed model, prompt following over 64 prompts at --seed 1 (not the
-# reported seed 0): CFG 3 75.0%, 3.5 79.7%, 4 79.7%, 4.5 62.5%, 5 50.0%, 7.5 25.0%; 50 steps at
-# CFG 4 changed nothing. A model this small is pushed off its data by SD's usual 7.5.
+# Prompt following over 64 prompts at --seed 1 (not the reported seed 0). Third model: CFG 3
+# 75.0%, 3.5 79.7%, 4 79.7%, 4.5 62.5%, 5 50.0%, 7.5 25.0%; 50 steps at CFG 4 changed nothing.
+# The committed (fourth) model: 3.5 93.8%, 4 90.6%, 5 85.9%, 7.5 50.0%. A model this small is
+# pushed off its data by SD's usual 7.5.
 DEFAULT_GUIDANCE = 4.0
 PROMPT_TARGET = ("shape", "colour")  # what acceptance 1 asks of each image
 
