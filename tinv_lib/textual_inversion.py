@@ -10,6 +10,7 @@ embedding's name appears, exactly as A1111 trains.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -55,6 +56,8 @@ class TextualInversionTask:
         self.name = args.placeholder_token
         self.vectors: dict[str, torch.nn.Parameter] = {}
         self.optimizer_state: dict | None = None
+        self.initial: dict[str, torch.Tensor] = {}  # the vectors training started from (diagnostics)
+        self.vocabularies = None  # the model's vocabularies for diagnostics, built at the first save
 
     # -- set-up
     def setup(self, family, model_info, args, device: torch.device) -> int:
@@ -75,6 +78,7 @@ class TextualInversionTask:
         if not isinstance(initial, dict):
             initial = {family.embedding_keys[0]: initial}
         self.vectors = {key: torch.nn.Parameter(value.to(device, torch.float32).clone()) for key, value in initial.items()}
+        self.initial = {key: value.detach().to("cpu", torch.float32).clone() for key, value in initial.items()}
         return step
 
     def _check_name_is_not_a_word(self) -> None:
@@ -160,6 +164,23 @@ class TextualInversionTask:
             save_a1111_pt({"hash": embedding.checksum(), "optimizer_state_dict": optimizer_state},
                           written[0].with_name(written[0].name + ".optim"))
         return written
+
+    def describe_saved(self, step: int, final: bool, logger) -> None:
+        """Diagnostics of the vectors just saved against the model's vocabulary and the vectors
+        this run started from: TensorBoard scalars and `embedding_diagnostics.csv` rows at every
+        save; after the final save, one line per vector and the warnings (on stderr), since
+        nothing else tells a user that an embedding trained nothing or drowns its prompts."""
+        from tinv_lib.embeddings import diagnostics
+
+        if self.vocabularies is None:
+            self.vocabularies = diagnostics.vocabularies_of(self.family.tokenizers, self.family.text_encoders)
+        records = diagnostics.diagnose_embedding(self.state_tensors(), self.vocabularies, self.initial)
+        logger.scalars(step, diagnostics.scalars(records))
+        logger.table(diagnostics.CSV_NAME, diagnostics.CSV_COLUMNS, diagnostics.csv_rows(step, records))
+        if final:
+            print("\n".join(diagnostics.summary_lines(self.name, records)))
+            for line in diagnostics.warnings_for(self.name, records):
+                print(line, file=sys.stderr)
 
     def preview(self, family, prompt: str, negative: str, seed: int, steps: int, cfg_scale: float,
                 size: tuple[int, int], output_dir: Path, step: int, count: int) -> list:

@@ -2,6 +2,9 @@
 
     inspect FILE...   one JSON object per file: name, format, vectors, dim (a dict per encoder
                       for SDXL), step, sd_checkpoint, sd_checkpoint_name, checksum, shorthash
+    inspect --diagnose FILE... --model MODEL
+                      per file: one line per vector (norm, its percentile among the model's
+                      vocabulary norms, nearest tokens) and any warnings (on stderr)
     convert SRC DST   write SRC in the format DST's extension names (.pt .safetensors .bin .png)
 
 Unknown, damaged or unsafe input: a one-line reason on stderr and exit status 2.
@@ -49,6 +52,41 @@ def inspect_files(paths: list[str]) -> int:
     return status
 
 
+def diagnose_files(paths: list[str], model: str, model_config: str | None) -> int:
+    """Print each file's diagnostics against `model`'s vocabulary (warnings on stderr); one
+    error line per file that cannot be read or does not fit the model."""
+    from transformers.utils import logging as transformers_logging
+
+    from tinv_lib.embeddings import diagnostics
+
+    transformers_logging.disable_progress_bar()  # stderr is for warnings and errors
+    vocabularies = diagnostics.load_vocabularies(model, model_config)
+    status = 0
+    for path in paths:
+        try:
+            embedding, records = _diagnosis(path, vocabularies)
+        except TinvError as error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            status = EXIT_BAD_INPUT
+            continue
+        print(f"{path}: {embedding.name} ({embedding.format}, step {embedding.step})")
+        print("\n".join(f"  {line}" for line in diagnostics.summary_lines(embedding.name, records)), flush=True)
+        for line in diagnostics.warnings_for(embedding.name, records):
+            print(line, file=sys.stderr, flush=True)
+    return status
+
+
+def _diagnosis(path: str, vocabularies: dict) -> tuple[Embedding, list]:
+    """The embedding in `path` and its diagnostics; a misfit names the file."""
+    from tinv_lib.embeddings.diagnostics import diagnose_embedding
+
+    embedding = load_embedding(path)
+    try:
+        return embedding, diagnose_embedding(embedding.vectors, vocabularies)
+    except TinvError as error:
+        raise TinvError(f"{path}: {error}") from None
+
+
 def convert_file(source: str, target: str, name: str | None, image: str | None, overwrite: bool) -> int:
     """Read `source`, write `target`. The embedding is renamed to the target's stem (the file
     name is the trigger word in A1111 and ComfyUI) unless `name` is given."""
@@ -80,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="print one JSON object per embedding file")
     inspect.add_argument("files", nargs="+", metavar="FILE")
+    inspect.add_argument("--diagnose", action="store_true",
+                         help="print each vector's norm, norm percentile and nearest tokens in --model's vocabulary, "
+                              "and warnings")
+    inspect.add_argument("--model", help="model folder (or single file with --model_config) to diagnose against")
+    inspect.add_argument("--model_config", help="config folder for a single-file --model")
     convert = commands.add_parser("convert", help="convert an embedding to the format of DST's extension")
     convert.add_argument("source", metavar="SRC")
     convert.add_argument("target", metavar="DST", help=".pt, .safetensors, .bin or .png")
@@ -91,8 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the tool; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "inspect" and args.diagnose != bool(args.model):
+        parser.error("--diagnose needs --model MODEL" if args.diagnose else "--model is only used with --diagnose")
     try:
+        if args.command == "inspect" and args.diagnose:
+            return diagnose_files(args.files, args.model, args.model_config)
         if args.command == "inspect":
             return inspect_files(args.files)
         return convert_file(args.source, args.target, args.name, args.image, args.overwrite)

@@ -1,4 +1,5 @@
-"""What a run reports: progress bar, A1111 loss CSV, TensorBoard scalars and preview images.
+"""What a run reports: progress bar, A1111 loss CSV, TensorBoard scalars and preview images, and
+the scalars and CSV tables a task adds (textual inversion's embedding diagnostics).
 
 Only the main process writes. The CSV keeps A1111's columns (`step, epoch, epoch_step, loss,
 learn_rate`); on resume, rows after the resumed step (written before a kill) are dropped so the
@@ -25,7 +26,10 @@ class RunLogger:
         self.active = is_main
         self.steps_per_epoch = steps_per_epoch
         self.csv_every = args.log_csv_steps
+        self.output_dir = output_dir
+        self.resume_step = resume_step
         self.csv_path = output_dir / f"{kind}_loss.csv"
+        self.tables_started: set[str] = set()
         self.writer = None
         self.bar = None
         self.last_time = time.perf_counter()
@@ -34,7 +38,7 @@ class RunLogger:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.csv_path.is_file():
-            self._truncate_csv(resume_step)
+            _truncate_csv(self.csv_path, resume_step, len(CSV_COLUMNS))
         if args.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
@@ -42,16 +46,6 @@ class RunLogger:
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=args.max_train_steps, initial=resume_step or 0, desc=kind, dynamic_ncols=True)
-
-    def _truncate_csv(self, step: int) -> None:
-        rows = list(csv.reader(io.StringIO(self.csv_path.read_text())))
-        # A kill in the middle of an append leaves a short last row (or a step number cut to a
-        # prefix): only whole rows up to the resumed step are kept.
-        whole = [row for row in rows[1:] if len(row) == len(CSV_COLUMNS) and row[0].isdigit()]
-        kept = [rows[0]] + [row for row in whole if int(row[0]) <= step]
-        buffer = io.StringIO()
-        csv.writer(buffer, lineterminator="\n").writerows(kept)
-        atomic_write_text(self.csv_path, buffer.getvalue())
 
     def step(self, step: int, loss: float, rate: float, grad_norm: float) -> None:
         """Record one optimizer step."""
@@ -77,6 +71,29 @@ class RunLogger:
                 epoch, epoch_step = divmod(step - 1, self.steps_per_epoch)
                 out.writerow([step, epoch, epoch_step, f"{loss:.7f}", rate])
 
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """TensorBoard scalars a task reports beside the loop's own (tag -> value)."""
+        if self.active and self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        """Append a task's rows to the CSV `<output_dir>/<name>` (first column: the step). As for
+        the loss CSV, a resumed run first drops the rows after the resumed step."""
+        if not self.active:
+            return
+        path = self.output_dir / name
+        if name not in self.tables_started:
+            self.tables_started.add(name)
+            if self.resume_step is not None and path.is_file():
+                _truncate_csv(path, self.resume_step, len(columns))
+        new = not path.is_file()
+        with open(path, "a", newline="") as handle:
+            out = csv.writer(handle, lineterminator="\n")
+            if new:
+                out.writerow(columns)
+            out.writerows(rows)
+
     def images(self, step: int, pictures: list, prompt: str, seconds: float) -> None:
         """Log preview images to TensorBoard."""
         if not self.active or self.writer is None or not pictures:
@@ -92,3 +109,15 @@ class RunLogger:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _truncate_csv(path: Path, step: int, width: int) -> None:
+    """Keep the header and the whole rows up to `step` of a CSV whose first column is the step."""
+    rows = list(csv.reader(io.StringIO(path.read_text())))
+    # A kill in the middle of an append leaves a short last row (or a step number cut to a
+    # prefix): only whole rows up to the resumed step are kept.
+    whole = [row for row in rows[1:] if len(row) == width and row[0].isdigit()]
+    kept = [rows[0]] + [row for row in whole if int(row[0]) <= step]
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(kept)
+    atomic_write_text(path, buffer.getvalue())

@@ -55,7 +55,12 @@ class TrainingStopped(TinvError):
 
 
 class TrainingTask(Protocol):
-    """What a trainer plugs into the loop."""
+    """What a trainer plugs into the loop.
+
+    Optional: `describe_saved(step, final, logger)`, called on the main process after every
+    `save_files`, reports on what was saved through the `RunLogger` (textual inversion's embedding
+    diagnostics); a task without it reports nothing.
+    """
 
     kind: str  # "textual_inversion" | "hypernetwork" (checkpoint compatibility, file names)
     name: str  # the embedding / hypernetwork name, also `[name]` in templates
@@ -297,6 +302,7 @@ def train(args, task: TrainingTask, on_step: Callable[[int], None] | None = None
             final_step = step >= end_step or stop
             if args.save_steps and step % args.save_steps == 0 and not final_step and is_main:
                 task.save_files(output_dir, step, final=False, optimizer_state=_optim_state(args, optimizer))
+                _describe_saved(task, step, False, logger)
             if args.validation_steps and step % args.validation_steps == 0:
                 _preview(args, task, family, last_prompts[0] if last_prompts else task.name, step, output_dir, logger, is_main)
             if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or final_step):
@@ -314,6 +320,7 @@ def train(args, task: TrainingTask, on_step: Callable[[int], None] | None = None
         if exit_code:
             print(f"Training interrupted at step {step}; resume with --resume_from_checkpoint latest")
         print(f"Saved step {step}: {', '.join(str(path) for path in written)}")
+        _describe_saved(task, step, True, logger)
     logger.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -322,6 +329,13 @@ def train(args, task: TrainingTask, on_step: Callable[[int], None] | None = None
 
 def _optim_state(args, optimizer) -> dict | None:
     return optimizer.state_dict() if args.save_optimizer_state else None
+
+
+def _describe_saved(task, step: int, final: bool, logger: RunLogger) -> None:
+    """Let the task report on the file it just saved, if it has anything to say."""
+    describe = getattr(task, "describe_saved", None)
+    if describe is not None:
+        describe(step, final, logger)
 
 
 def _save_checkpoint(output_dir: Path, task, optimizer, accelerator, step: int, start_step: int, args) -> None:
