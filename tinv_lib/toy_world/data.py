@@ -3,7 +3,8 @@
 Every scene is a pure function of `(seed, index)`, so a dataset can be rebuilt bit for bit from
 its seed, split across processes, or extended without changing its first images. Example folders
 (the README's concept images, the hypernetwork's style images) are written in the layout the
-training scripts read: `NNNN.png` with a `.txt` caption sidecar and a `.json` ground-truth sidecar.
+training scripts read: `NNNN.png` with a `.txt` caption sidecar, a `.json` ground-truth sidecar and,
+on request, the shape's silhouette as a `NNNN-masklabel.png` loss mask.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from tinv_lib.atomic import atomic_path, atomic_write_bytes
-from tinv_lib.toy_world.draw import draw_scene
+from tinv_lib.toy_world.draw import SUPERSAMPLE, draw_scene, shape_mask
 from tinv_lib.toy_world.world import CAPTION_PREFIXES, Scene, caption, sample_scene
 
 
@@ -67,12 +69,14 @@ def training_caption(
 
 
 def write_example_folder(
-    folder: str | Path, scenes: Sequence[Scene], captions: Sequence[str] | None = None
+    folder: str | Path, scenes: Sequence[Scene], captions: Sequence[str] | None = None, masks: bool = False
 ) -> Path:
-    """Write `NNNN.png` + `NNNN.json` (ground truth) per scene, and `NNNN.txt` captions if given.
+    """Write `NNNN.png` + `NNNN.json` (ground truth) per scene, `NNNN.txt` captions if given, and
+    `NNNN-masklabel.png` silhouettes if `masks`.
 
     Without captions the trainers see no file words, which is what a concept that has no name
-    in the model's vocabulary should look like.
+    in the model's vocabulary should look like. Masks let masked training be measured on data
+    whose true object outline is known exactly.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -80,10 +84,19 @@ def write_example_folder(
         stem = folder / f"{index:04d}"
         with atomic_path(stem.with_suffix(".png")) as tmp:
             draw_scene(scene).save(tmp, format="PNG")
+        if masks:
+            with atomic_path(folder / f"{index:04d}-masklabel.png") as tmp:
+                scene_mask(scene).save(tmp, format="PNG")
         if captions is not None:
             atomic_write_bytes(stem.with_suffix(".txt"), (captions[index] + "\n").encode("utf-8"))
         atomic_write_bytes(stem.with_suffix(".json"), json.dumps(scene.to_dict(), indent=1).encode("utf-8"))
     return folder
+
+
+def scene_mask(scene: Scene) -> Image.Image:
+    """The shape's silhouette at image size ("L", 255 inside), box-filtered from the supersampled
+    mask exactly as `draw_scene` filters the picture, so mask edges match the drawn edges."""
+    return shape_mask(scene).reduce(SUPERSAMPLE)
 
 
 def read_example_scenes(folder: str | Path) -> list[Scene]:

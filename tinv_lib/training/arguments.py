@@ -39,6 +39,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_lr: str, def
                       help="non-square images: aspect buckets, centre crop to a square, or stretch (A1111)")
     data.add_argument("--flip_p", type=float, default=0.0, help="probability of a horizontal flip per sample")
     data.add_argument("--use_alpha_as_loss_weight", action="store_true", help="PNG alpha channel weights the loss (A1111)")
+    data.add_argument("--mask_dir", help="folder of loss masks <stem>-masklabel.png (default: beside the images); "
+                      "white = the concept, black = not")
+    data.add_argument("--unmasked_weight", type=float, default=None,
+                      help="loss weight outside the masks, in [0, 1] (default 0; given, the alpha channel is a mask too)")
     data.add_argument("--latent_sampling", choices=["once", "deterministic", "random"], default="once",
                       help="VAE posterior: one fixed sample, its mean, or a fresh sample every step")
     data.add_argument("--latent_cache_dir", help="also keep the latent cache on disk here (reused across runs)")
@@ -105,6 +109,15 @@ def _read_config(path: Path) -> dict:
     return data
 
 
+def _check_mask_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad mask settings before the model loads, not after minutes of loading."""
+    weight = args.unmasked_weight
+    if weight is not None and not 0.0 <= weight <= 1.0:
+        raise ArgumentError(f"--unmasked_weight must be in [0, 1], not {weight}")
+    if args.mask_dir and not Path(args.mask_dir).is_dir():
+        raise ArgumentError(f"--mask_dir {args.mask_dir}: no such folder")
+
+
 def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None, required: list[str]) -> argparse.Namespace:
     """Parse `argv`, with defaults from `--config` when given; check `required` afterwards (so
     they may come from the config file)."""
@@ -129,5 +142,6 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None, r
             raise ArgumentError(f"--{name} must be 0 (off) or a positive integer")
     if not 0.0 <= args.tag_dropout < 1.0 or not 0.0 <= args.flip_p <= 1.0:
         raise ArgumentError("--tag_dropout must be in [0, 1) and --flip_p in [0, 1]")
+    _check_mask_arguments(args)
     args.learning_rate = str(args.learning_rate)
     return args

@@ -4,8 +4,8 @@ A1111 semantics (FORMATS.md §8.2-8.4): `.txt` caption sidecars read raw, otherw
 stem without its leading `[-\\d]+\\s*` (or the `--filename_word_regex` words); template lines with
 `[name]` and `[filewords]` (tags joined by `','`), tag dropout and shuffle; latents encoded once
 and kept in RAM (`once` / `deterministic` / `random` sampling); PNG alpha as loss weight.
-Beyond A1111: non-square images go to aspect buckets (or are centre-cropped), flipping, and an
-optional on-disk latent cache.
+Beyond A1111: non-square images go to aspect buckets (or are centre-cropped), flipping, an
+optional on-disk latent cache, and OneTrainer-style `<stem>-masklabel.png` loss masks.
 
 Everything random here is a pure function of `(seed, micro-batch index, sample position)`, so
 a resumed run sees exactly the batches, prompts, flips and latent samples of an uninterrupted one
@@ -31,6 +31,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 BUILTIN_TEMPLATES = sorted(p.stem for p in TEMPLATES_DIR.glob("*.txt"))
 FILENAME_PREFIX = re.compile(r"^[-\d]+\s*")
+MASK_SUFFIX = "-masklabel.png"  # OneTrainer's name: white = the concept, black = not
 
 
 class DatasetError(TinvError):
@@ -118,6 +119,117 @@ def alpha_weight(alpha: Image.Image, latent_size: tuple[int, int]) -> torch.Tens
     return weight / mean if mean > 0 else torch.ones_like(weight)
 
 
+# ------------------------------------------------------------------------------ loss masks
+
+
+@dataclass(frozen=True)
+class MaskOptions:
+    """Where mask files live and how much the area outside a mask counts.
+
+    `unmasked_weight` None means the flag was not given: mask files then use 0, and the alpha
+    channel keeps A1111's rule (`alpha_weight`); given, the alpha channel is a mask like a file.
+    """
+
+    mask_dir: Path | None = None
+    unmasked_weight: float | None = None
+
+    @property
+    def outside(self) -> float:
+        return 0.0 if self.unmasked_weight is None else self.unmasked_weight
+
+
+def is_mask_file(path: Path) -> bool:
+    """Mask files sit beside the images they belong to and must never be trained on as images."""
+    return path.name.lower().endswith(MASK_SUFFIX)
+
+
+def mask_path(image_path: Path, mask_dir: Path | None) -> Path:
+    """`<stem>-masklabel.png` in `mask_dir`, or beside the image when no folder is given."""
+    return (mask_dir or image_path.parent) / f"{image_path.stem}{MASK_SUFFIX}"
+
+
+def read_mask(path: Path, image_size: tuple[int, int]) -> tuple[Image.Image | None, str | None]:
+    """The mask as greyscale at the image's size, and a notice line when it is unusable as is.
+
+    A bad mask costs only its own mask: unreadable means the image trains unmasked, a different
+    size is resized to the image (both said in the notice) rather than failing the run.
+    """
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            mask = ImageOps.exif_transpose(opened).convert("L")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        return None, f"{path.name}: unreadable mask ({type(error).__name__}); its image trains unmasked"
+    if mask.size == image_size:
+        return mask, None
+    note = (f"{path.name}: mask is {mask.width}x{mask.height}, its image {image_size[0]}x{image_size[1]}; "
+            "resized to the image")
+    return mask.resize(image_size, Image.BILINEAR), note
+
+
+def mask_weight(mask: Image.Image, size: tuple[int, int], aspect_mode: str, latent_size: tuple[int, int],
+                outside: float) -> torch.Tensor | None:
+    """Loss weight `outside + (1 - outside) * mask` on the latent grid, scaled to mean 1.
+
+    The mask is fitted exactly like the image (`_fit`), then area-averaged onto the latent grid
+    (no ringing: a cell wholly outside the mask gets exactly `outside`). Mean 1 makes the loop's
+    `mean(weight * error)` equal `sum(weight * error) / sum(weight)` per image, so a small mask
+    does not shrink the loss. None when the weight is zero everywhere (nothing to learn).
+    """
+    fitted = _fit(mask, size, aspect_mode).resize(latent_size, Image.BOX)
+    inside = torch.from_numpy(np.asarray(fitted, dtype=np.float32) / 255.0)
+    weight = outside + (1.0 - outside) * inside
+    mean = weight.mean()
+    return weight / mean if mean > 0 else None
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+
+
+def _image_weight(
+    path: Path, image: Image.Image, size: tuple[int, int], aspect_mode: str, latent_size: tuple[int, int],
+    use_alpha: bool, masks: MaskOptions,
+) -> tuple[torch.Tensor | None, bool, list[str]]:
+    """(loss weight or None, whether a mask file was found, notice lines) for one image.
+
+    A mask file wins over the alpha channel; without one, the alpha channel weights the loss
+    when `use_alpha` is on.
+    """
+    source = mask_path(path, masks.mask_dir)
+    if source.is_file():
+        mask, note = read_mask(source, image.size)
+        notes = [note] if note else []
+        weight = mask_weight(mask, size, aspect_mode, latent_size, masks.outside) if mask is not None else None
+        if mask is not None and weight is None:
+            notes.append(f"{source.name}: mask is black over the whole training crop and --unmasked_weight is 0; "
+                         "its image trains unmasked")
+        return weight, True, notes
+    if not (use_alpha and _has_alpha(image)):
+        return None, False, []
+    if masks.unmasked_weight is None:
+        alpha = _fit(image.convert("RGBA"), size, aspect_mode).getchannel("A")
+        return alpha_weight(alpha, latent_size), False, []
+    alpha = image.convert("RGBA").getchannel("A")
+    return mask_weight(alpha, size, aspect_mode, latent_size, masks.outside), False, []
+
+
+def _mask_summary(masked: int, weighted: int, total: int, masks: MaskOptions) -> list[str]:
+    """One line counting the images that train with weight 1 everywhere in a masked dataset (or
+    saying that --unmasked_weight found nothing to apply to)."""
+    where = f"in {masks.mask_dir}" if masks.mask_dir is not None else "beside the image"
+    if masked == 0 and masks.mask_dir is None:
+        if masks.unmasked_weight is not None and weighted == 0:
+            return [f"--unmasked_weight {masks.unmasked_weight}: no mask files (<stem>{MASK_SUFFIX} {where}) "
+                    "and no alpha weights; it has no effect"]
+        return []
+    plain = total - weighted
+    if plain == 0:
+        return []
+    return [f"{plain} of {total} images have no usable mask (<stem>{MASK_SUFFIX} {where}): "
+            "they train with weight 1 everywhere"]
+
+
 def _to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
@@ -130,21 +242,25 @@ class TrainingImage:
     caption: str
     size: tuple[int, int]
     pixels: torch.Tensor  # [3, H, W] in [-1, 1]
-    weight: torch.Tensor | None  # [H/f, W/f] alpha loss weight, or None
+    weight: torch.Tensor | None  # [H/f, W/f] loss weight (mask file or alpha), mean 1, or None
     latents: dict[bool, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # flip -> (mean, std)
 
 
 def load_images(
     data_dir: Path, resolution: int, multiple: int, aspect_mode: str, use_alpha: bool, latent_factor: int,
-    word_regex: str = "", join_string: str = " ",
-) -> tuple[list[TrainingImage], list[str]]:
-    """Every readable image in `data_dir` (not recursive, sorted), and one line per skipped file."""
+    word_regex: str = "", join_string: str = " ", masks: MaskOptions | None = None,
+) -> tuple[list[TrainingImage], list[str], list[str]]:
+    """Every readable image in `data_dir` (not recursive, sorted; `*-masklabel.png` files are
+    masks, never images), one line per skipped file, and one notice line per mask problem."""
     if not data_dir.is_dir():
         raise DatasetError(f"--train_data_dir {data_dir}: no such folder")
+    masks = masks or MaskOptions()
     images: list[TrainingImage] = []
     skipped: list[str] = []
+    notices: list[str] = []
+    masked = 0
     for path in sorted(data_dir.iterdir()):
-        if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith(".") or is_mask_file(path):
             continue
         try:
             with Image.open(path) as opened:
@@ -154,17 +270,17 @@ def load_images(
             skipped.append(f"{path.name}: unreadable image ({type(error).__name__})")
             continue
         size = bucket_size(image.width, image.height, resolution, multiple, aspect_mode)
-        has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
-        weight = None
-        if use_alpha and has_alpha:
-            alpha = _fit(image.convert("RGBA"), size, aspect_mode).getchannel("A")
-            weight = alpha_weight(alpha, (size[0] // latent_factor, size[1] // latent_factor))
+        latent_size = (size[0] // latent_factor, size[1] // latent_factor)
+        weight, has_mask, notes = _image_weight(path, image, size, aspect_mode, latent_size, use_alpha, masks)
+        masked += has_mask
+        notices += notes
         pixels = _to_tensor(_fit(image.convert("RGB"), size, aspect_mode))
         images.append(TrainingImage(path, caption_for(path, word_regex, join_string), size, pixels, weight))
     if not images:
         detail = f" ({len(skipped)} unreadable)" if skipped else ""
         raise DatasetError(f"--train_data_dir {data_dir}: no usable images{detail}")
-    return images, skipped
+    weighted = sum(image.weight is not None for image in images)
+    return images, skipped, notices + _mask_summary(masked, weighted, len(images), masks)
 
 
 # ---------------------------------------------------------------------------- latents

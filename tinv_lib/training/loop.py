@@ -30,6 +30,7 @@ from tinv_lib.errors import TinvError
 from tinv_lib.training import checkpoints as ckpt
 from tinv_lib.training.data import (
     BatchPlan,
+    MaskOptions,
     build_prompt,
     encode_latents,
     load_images,
@@ -163,9 +164,10 @@ def train(args, task: TrainingTask, on_step: Callable[[int], None] | None = None
 
     # ---- data: images, prompts, latents cached once
     templates = load_template(args.template_file)
-    images, skipped = load_images(
+    masks = MaskOptions(Path(args.mask_dir) if args.mask_dir else None, args.unmasked_weight)
+    images, skipped, notices = load_images(
         Path(args.train_data_dir), args.resolution, family.size_multiple, args.aspect_mode,
-        args.use_alpha_as_loss_weight, family.latent_factor, args.filename_word_regex, args.filename_join_string,
+        args.use_alpha_as_loss_weight, family.latent_factor, args.filename_word_regex, args.filename_join_string, masks,
     )
     task.check_prompts([build_prompt(t, im.caption, task.name, random.Random(0), False, 0.0) for im in images for t in templates])
     flips = (False, True) if args.flip_p > 0 else (False,)
@@ -208,6 +210,8 @@ def train(args, task: TrainingTask, on_step: Callable[[int], None] | None = None
         atomic_write_text(output_dir / f"settings-{stamp}.json", json.dumps(settings, indent=1, default=str))
         for line in skipped:
             print(f"skipped {line}")
+        for line in notices:
+            print(f"notice: {line}")
         for line in schedule.describe():
             print(line)
         print(f"***** {task.kind}: {len(images)} images, {plan.steps_per_epoch} steps per epoch, "
