@@ -488,8 +488,8 @@ class Floor:
                 encoder.train()
         apply_unet_options(family.unet, job.options)
 
-        images, _ = load_images(Path(job.data), job.resolution, family.size_multiple, "buckets", False,
-                                family.latent_factor)
+        images, _, _ = load_images(Path(job.data), job.resolution, family.size_multiple, "buckets", False,
+                                   family.latent_factor)
         encode_latents(images, family.vae, (False,), self.device, torch.float32)
         self.pixels = torch.stack([image.pixels for image in images]).to(self.device)
         self.latents = torch.stack([mean + std * torch.randn_like(std) for mean, std in

@@ -45,7 +45,7 @@ def test_hypernetwork_learns_and_leaves_the_base_model_untouched(arch, request, 
     args = parse_args(_argv(model, training_images, tmp_path, "--max_train_steps", "60", "--learning_rate", "0.002",
                             "--checkpointing_steps", "0", "--train_batch_size", "4", "--template_file", "none"))
     task = HypernetworkTask(args)
-    images, _ = load_images(training_images, 64, 16, "buckets", False, 8)
+    images, _, _ = load_images(training_images, 64, 16, "buckets", False, 8)
     pixels = torch.stack([image.pixels for image in images])
     losses = {}
     original_setup = HypernetworkTask.setup

@@ -65,7 +65,7 @@ def test_fixed_batch_loss_drops_after_100_steps(tiny_sd1_path, training_images, 
                             "--learning_rate", "0.02", "--checkpointing_steps", "0", "--save_steps", "0",
                             "--template_file", "subject", "--train_batch_size", "4"))
     task = TextualInversionTask(args)
-    images, _ = load_images(training_images, 64, 16, "buckets", False, 8)
+    images, _, _ = load_images(training_images, 64, 16, "buckets", False, 8)
     pixels = torch.stack([image.pixels for image in images])
     prompts = ["a photo of my-thing"] * len(images)
 
