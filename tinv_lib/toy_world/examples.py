@@ -7,16 +7,32 @@
   hypernetwork trained on them learns to shift the colour of ordinary prompts, which the base
   model never does: it draws the colour it is told.
 
+The colour shift is one `Style` of `STYLES`: a style redraws one attribute of every scene as the
+next value round its list while the caption names the value asked for. `benchmarks/styles.py`
+trains a hypernetwork on each (data written on the fly, not committed); only the colour shift's
+folder is in `examples/`.
+
 Both are deterministic from fixed seeds, and every image has a `.json` ground-truth sidecar (of
 what is drawn, so the style images' sidecars hold the shifted colour).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tinv_lib.toy_world.data import make_scenes, scene_rng, write_example_folder
-from tinv_lib.toy_world.world import COLOURS, Scene, caption, sample_scene
+from tinv_lib.toy_world.world import (
+    BACKGROUND_COLOURS,
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    Scene,
+    caption,
+    sample_scene,
+    validate,
+)
 
 CONCEPT = {"shape": "triangle", "colour": "pink", "background": "checkered", "background_colour": "teal"}
 CONCEPT_IMAGES = 8
@@ -36,9 +52,89 @@ _CONCEPT_SEED = 808
 _STYLE_SEED = 909
 
 
+def shift_round(values: Sequence[str]) -> dict[str, str]:
+    """Each value mapped to the next one round `values` (the last to the first)."""
+    return {value: values[(index + 1) % len(values)] for index, value in enumerate(values)}
+
+
+@dataclass(frozen=True, eq=False)
+class Style:
+    """A style a hypernetwork can learn: `attribute` of every scene drawn as `shift[asked]`.
+
+    `attribute` is a `Scene` field that the judge reads (shape, colour, background,
+    background_colour); `guard` is one the style leaves alone, which images with the style must
+    still get right (the on-prompt guard). Scenes are `(seed, index)`-deterministic and take the
+    shifted attribute's values in turn, so each step of the shift is shown equally often (to one
+    image when the count does not divide).
+    """
+
+    name: str  # the hypernetwork's name, as in `<hypernet:NAME:1>`
+    attribute: str
+    shift: Mapping[str, str]
+    guard: str
+    seed: int
+
+    def target(self, asked: str) -> dict[str, str]:
+        """What the judge must see in an image of a prompt asking for `asked`, with the style."""
+        return {self.attribute: self.shift[asked]}
+
+    def scenes(self, count: int = STYLE_IMAGES) -> list[tuple[Scene, Scene]]:
+        """(asked, drawn) scene pairs: varied scenes with the attribute's values taken in turn,
+        and the same scene with that attribute shifted."""
+        values = tuple(self.shift)
+        pairs = []
+        for index in range(count):
+            fixed = {self.attribute: values[index % len(values)]}
+            asked = sample_scene(scene_rng(self.seed, index), outline=False, **fixed)
+            drawn = Scene(**{**asked.to_dict(), self.attribute: self.shift[fixed[self.attribute]]})
+            validate(drawn)
+            pairs.append((asked, drawn))
+        return pairs
+
+    def write(self, folder: str | Path, count: int = STYLE_IMAGES) -> Path:
+        """The style's training folder: the drawn scenes, captioned with the asked ones."""
+        pairs = self.scenes(count)
+        return write_example_folder(folder, [drawn for _, drawn in pairs], [caption(asked) for asked, _ in pairs])
+
+
+COLOUR_SHIFT_STYLE = Style("colour-shift", "colour", COLOUR_SHIFT, guard="shape", seed=_STYLE_SEED)
+
+# The styles of `benchmarks/styles.py`, none of which the base model shows. Background colours
+# are never shape colours, so a shifted background never hides the shape.
+STYLES: tuple[Style, ...] = (
+    COLOUR_SHIFT_STYLE,
+    # plain -> striped -> checkered -> dotted -> plain; prompts name plain backgrounds by colour alone
+    Style("pattern-swap", "background", shift_round(BACKGROUNDS), guard="shape", seed=910),
+    # circle -> square -> triangle -> star -> ring -> cross -> circle
+    Style("shape-swap", "shape", shift_round(SHAPES), guard="colour", seed=911),
+    # gray -> silver -> brown -> teal -> cyan -> magenta -> gray
+    Style("background-shift", "background_colour", shift_round(tuple(BACKGROUND_COLOURS)), guard="shape", seed=912),
+)
+
+
+# An alternative data design for the pattern swap, not in the suite's default four: the base model
+# draws "dotted" as plain (11 of 14 prompts at seed 0), so a step into dots cannot be drawn and the
+# step dotted -> plain shows at multiplier 0 (docs/toy_world.md). Here no step leads to dots:
+# plain -> striped -> checkered -> plain, and dotted -> checkered. Same seed, so the same asked
+# scenes as `pattern-swap`; only the dotted and checkered ones are drawn differently.
+PATTERN_SWAP_NO_DOTS = Style(
+    "pattern-swap-no-dots", "background",
+    {"plain": "striped", "striped": "checkered", "checkered": "plain", "dotted": "checkered"}, guard="shape", seed=910,
+)
+ALTERNATIVE_STYLES: tuple[Style, ...] = (PATTERN_SWAP_NO_DOTS,)
+
+
+def style_named(name: str) -> Style:
+    """The style of `STYLES` (or `ALTERNATIVE_STYLES`) called `name`."""
+    for style in (*STYLES, *ALTERNATIVE_STYLES):
+        if style.name == name:
+            return style
+    raise KeyError(f"unknown style {name!r}; choose from {', '.join(s.name for s in (*STYLES, *ALTERNATIVE_STYLES))}")
+
+
 def style_target(prompt_colour: str) -> dict[str, str]:
     """What the judge must see in an image of a prompt asking for `prompt_colour`, with the style."""
-    return {"colour": COLOUR_SHIFT[prompt_colour]}
+    return COLOUR_SHIFT_STYLE.target(prompt_colour)
 
 
 def concept_scenes(count: int = CONCEPT_IMAGES) -> list[Scene]:
@@ -47,22 +143,15 @@ def concept_scenes(count: int = CONCEPT_IMAGES) -> list[Scene]:
 
 
 def style_scenes(count: int = STYLE_IMAGES) -> list[tuple[Scene, Scene]]:
-    """(asked, drawn) scene pairs: varied scenes with the colours taken in turn, and the same
-    scene with its shape colour shifted."""
-    pairs = []
-    for index in range(count):
-        asked = sample_scene(scene_rng(_STYLE_SEED, index), colour=_PALETTE[index % len(_PALETTE)], outline=False)
-        pairs.append((asked, Scene(**{**asked.to_dict(), "colour": COLOUR_SHIFT[asked.colour]})))
-    return pairs
+    """(asked, drawn) scene pairs of the colour shift: varied scenes with the colours taken in
+    turn, and the same scene with its shape colour shifted."""
+    return COLOUR_SHIFT_STYLE.scenes(count)
 
 
 def write_examples(root: str | Path) -> dict[str, Path]:
     """Write both example folders under `root` (normally the repository's `examples/`)."""
     root = Path(root)
-    styles = style_scenes()
     return {
         "concept": write_example_folder(root / "concept", concept_scenes()),
-        "style_colour_shift": write_example_folder(
-            root / "style_colour_shift", [drawn for _, drawn in styles], [caption(asked) for asked, _ in styles]
-        ),
+        "style_colour_shift": COLOUR_SHIFT_STYLE.write(root / "style_colour_shift"),
     }
