@@ -9,7 +9,8 @@ and asks the two questions users ask of every trainer:
   concepts: shape and colour);
 * **editability** ("the embedding overrides my prompt"): "a photo of <name> on a <background>
   background" must show the concept *and* the asked background (object concepts: four other
-  backgrounds; scene concepts: the concept's background colour with another pattern).
+  backgrounds; scene concepts: the concept's background colour with another pattern; never dots,
+  which the base model does not draw).
 
 Each concept is also drawn **from words** ("a photo of a pink cross on a cyan background") over
 the same seeds: a concept the model cannot draw from words is reported but not counted, because
@@ -67,9 +68,13 @@ RECIPE_FLAGS = tuple(
     if pair[0] not in _OWN for item in pair
 )
 
+# Edits ask only for patterns the base model draws from words: it barely draws dots (asked in words
+# for a dotted magenta background, it drew a plain one: the object edits' words baseline stuck at
+# 66-75%; docs/toy_world.md), so an edit into dots would measure the model, not training.
+EDIT_PATTERNS = tuple(b for b in world.BACKGROUNDS if b != "dotted")
 # Backgrounds asked for in object edits: their colours are never shape colours, so each is a valid
-# background for every concept, and together they use every pattern.
-OBJECT_EDITS = (("striped", "teal"), ("dotted", "magenta"), ("checkered", "silver"), ("plain", "brown"))
+# background for every concept, and together they use every drawn pattern.
+OBJECT_EDITS = (("striped", "teal"), ("plain", "magenta"), ("checkered", "silver"), ("plain", "brown"))
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,7 @@ class Concept:
             options = [(world.background_phrase(b, c), {"background": b, "background_colour": c}) for b, c in OBJECT_EDITS]
         else:
             options = [(world.background_phrase(b, self.background_colour), {"background": b})
-                       for b in world.BACKGROUNDS if b != self.background]
+                       for b in EDIT_PATTERNS if b != self.background]
         chosen = [options[index * len(options) // count] for index in range(count)]
         return [(phrase, {**self.target, **changed}) for phrase, changed in chosen]
 
@@ -383,6 +388,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval_every", type=int, default=EVAL_EVERY, help="steps between judged intermediate files")
     parser.add_argument("--spot_check", type=int, default=8, help="seeds re-made through diffusers (0: none)")
     parser.add_argument("--workers", type=int, default=2, help="concepts measured in parallel (one thread each)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: 1 with workers, else 2)")
     parser.add_argument("--work_dir", type=Path, default=Path("output/concepts"), help="data and runs (replaced)")
     parser.add_argument("--save_grids", type=Path, default=None, help="folder for grids of every measurement")
     parser.add_argument("--json", type=Path, default=None, help="write every result as JSON")
@@ -411,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                "sampling": {"steps": args.steps, "guidance_scale": args.guidance_scale},
                "train_flags": shlex.split(args.train_flags), "masks": args.masks, "eval_every": args.eval_every,
                "spot_check": min(args.spot_check, args.num_seeds), "save_grids": args.save_grids,
-               "threads": 1 if workers > 1 else 2}
+               "threads": args.threads or (1 if workers > 1 else 2)}
     print(f"{len(concepts)} concepts, {args.num_seeds} seeds, {args.steps} steps, CFG {args.guidance_scale}, "
           f"flags: {' '.join(RECIPE_FLAGS)} {args.train_flags}{' (masks)' if args.masks else ''}", flush=True)
     started = time.perf_counter()

@@ -61,9 +61,10 @@ def test_cases_ask_for_the_concept_and_edits_change_only_what_it_leaves_free():
         asked = {(c.target["background"], c.target["background_colour"]) for c in edits}
         if concept.kind == "scene":
             assert all(b != concept.background and bc == concept.background_colour for b, bc in asked)
-            assert len(asked) == len(world.BACKGROUNDS) - 1
+            assert {b for b, _ in asked} == set(world.BACKGROUNDS) - {concept.background, "dotted"}
         else:
             assert asked == set(concepts.OBJECT_EDITS)
+            assert {b for b, _ in asked} == set(world.BACKGROUNDS) - {"dotted"}
 
 
 def test_recipe_is_the_readme_quickstart_without_its_data_name_and_init():
