@@ -1,5 +1,10 @@
 """Atomic file writes: a kill at any moment leaves either the old file or the new one, never a
-truncated one. Every file the project writes goes through here."""
+truncated one. Every file the project writes goes through here.
+
+Files get the permissions a plain `open(path, "w")` would give them (0666 less the umask, so
+0644 under the usual umask 022): `mkstemp` creates its file 0600, which would hide our outputs
+from a web UI or a sync job running as another user.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,20 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the system allows (Linux reports it in
+    /proc; `os.umask` can only be read by setting it, which races with threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -27,6 +46,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, target)
     finally:
         if tmp.exists():

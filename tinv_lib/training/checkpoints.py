@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from tinv_lib.atomic import atomic_path
 from tinv_lib.errors import TinvError
 from tinv_lib.torch_files import safe_torch_load, save_a1111_pt
 
@@ -53,7 +54,8 @@ def save_checkpoint(output_dir: Path, state: CheckpointState, keep_last: int | N
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.tensors.items()}, str(partial / "trainable.safetensors"))
+    with atomic_path(partial / "trainable.safetensors") as tmp:  # safetensors creates its files 0600
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.tensors.items()}, str(tmp))
     save_a1111_pt(state.optimizer, partial / "optimizer.pt")
     if state.scaler is not None:
         save_a1111_pt(state.scaler, partial / "scaler.pt")
