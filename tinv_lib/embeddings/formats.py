@@ -13,6 +13,7 @@ Image embeddings (`.png`/`.webp`) live in `image_embed.py`; `load_embedding` and
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -296,13 +297,30 @@ def a1111_dict(embedding: Embedding) -> dict[str, Any]:
 
 
 def _safetensors_metadata(embedding: Embedding) -> dict[str, str]:
-    """Header metadata: our fields as strings, plus `format: pt` (diffusers' loaders expect it)."""
+    """Header metadata: our fields as strings, plus `format: pt` (diffusers' loaders expect it),
+    always in this order (`format`, `name`, then `METADATA_KEYS`; see `_fixed_metadata_order`)."""
     metadata = {"format": "pt", "name": str(embedding.name)}
     for key in METADATA_KEYS:
         value = getattr(embedding, key)
         if value is not None:
             metadata[key] = str(value)
     return metadata
+
+
+def _fixed_metadata_order(data: bytes, metadata: dict[str, str]) -> bytes:
+    """The safetensors file `data` with its header metadata in `metadata`'s order.
+
+    safetensors writes the metadata from a Rust hash map, in an order that changes from one
+    write to the next, so the same embedding saved twice (by training, then by `convert` from
+    its `.pt`) gave two different files. The header is rewritten as safetensors writes it
+    (compact JSON, metadata first, space-padded to a multiple of 8 bytes); the tensor data
+    after it is untouched, since its offsets are relative to the end of the header."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    header.pop("__metadata__", None)
+    text = json.dumps({"__metadata__": metadata, **header}, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + size:]
 
 
 def save_pt(embedding: Embedding, path: str | os.PathLike) -> Path:
@@ -321,9 +339,9 @@ def save_pt(embedding: Embedding, path: str | os.PathLike) -> Path:
 def save_safetensors(embedding: Embedding, path: str | os.PathLike, layout: str = "emb_params") -> Path:
     """Write `.safetensors`: `{"emb_params": [n, d]}` (layout `emb_params`, kohya/A1111),
     `{name: [n, d]}` (layout `diffusers`), or `{clip_l, clip_g}` for SDXL; with metadata."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    from tinv_lib.atomic import atomic_path
+    from tinv_lib.atomic import atomic_write_bytes
 
     path = Path(path)
     vectors = _cpu_float32(embedding.vectors)
@@ -335,8 +353,8 @@ def save_safetensors(embedding: Embedding, path: str | os.PathLike, layout: str 
         tensors = {str(embedding.name): vectors}
     else:
         raise TinvError(f"unknown safetensors layout {layout!r} (emb_params or diffusers)")
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=_safetensors_metadata(embedding))
+    metadata = _safetensors_metadata(embedding)
+    atomic_write_bytes(path, _fixed_metadata_order(save(tensors, metadata=metadata), metadata))
     return path
 
 
