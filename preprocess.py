@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from tinv_lib.captioning import EXISTING_CAPTION_ACTIONS, CaptionSettings
+from tinv_lib.cli_help import HelpFormatter
 from tinv_lib.errors import TinvError
 from tinv_lib.focal_crop import FocalWeights
 from tinv_lib.image_ops import AutosizeSettings
@@ -23,7 +24,7 @@ from tinv_lib.preprocess import CAPTION_OUTPUTS, PreprocessOptions, preprocess_f
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, grouped as A1111's Preprocess tab."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     io = parser.add_argument_group("folders and size")
     io.add_argument("--source_dir", required=True, help="Folder of source images (not recursive).")
     io.add_argument("--dest_dir", required=True, help="Output folder (created; must differ from the source).")

@@ -158,7 +158,7 @@ def test_bad_mask_files_give_one_notice_each_and_training_finishes(tiny_sd1_path
     (data / "0000-masklabel.png").write_bytes(b"not a png")
     _left_half_mask((32, 32)).save(data / "0001-masklabel.png")
     assert main(_argv(tiny_sd1_path, data, tmp_path / "out", "--max_train_steps", "2")) == 0
-    lines = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().err.splitlines()
     notices = [line for line in lines if line.startswith("notice:")]
     assert notices == [
         "notice: 0000-masklabel.png: unreadable mask (UnidentifiedImageError); its image trains unmasked",
@@ -179,7 +179,7 @@ def test_bad_mask_flags_are_one_line_errors_before_the_model_loads(tmp_path, cap
         (("--mask_dir", str(tmp_path / "missing")), f"error: --mask_dir {tmp_path / 'missing'}: no such folder"),
     ]:
         assert main(_argv(no_model, data, tmp_path / "out", *flags)) == 2
-        assert capsys.readouterr().out.splitlines() == [message]
+        assert capsys.readouterr().err.splitlines() == [message]
 
 
 def test_mask_files_are_not_training_images_and_are_fitted_like_them(tmp_path):
@@ -224,7 +224,7 @@ def test_hypernetwork_trains_with_a_mask_dir(tiny_sd1_path, tmp_path, capsys):
             "--output_dir", str(tmp_path / "out"), "--hypernetwork_name", "hn", "--resolution", "64",
             "--mask_dir", str(masks), "--unmasked_weight", "0.2", "--max_train_steps", "1", *STEPS_ARGS]
     assert hypernetwork_main(argv) == 0
-    assert f"notice: 1 of 2 images have no usable mask (<stem>-masklabel.png in {masks})" in capsys.readouterr().out
+    assert f"notice: 1 of 2 images have no usable mask (<stem>-masklabel.png in {masks})" in capsys.readouterr().err
     assert (tmp_path / "out" / "hn.pt").is_file()
 
 

@@ -126,7 +126,7 @@ def test_resume_from_hypernetwork_file_continues_step_and_optimizer(tiny_sd1_pat
 def test_the_shared_nan_guard_stops_hypernetwork_training_too(tiny_sd1_path, training_images, tmp_path, capsys):
     code = main(_argv(tiny_sd1_path, training_images, tmp_path, "--learning_rate", "1e30", "--max_train_steps", "6",
                       "--checkpointing_steps", "0"))
-    assert code == 3 and "error: loss became" in capsys.readouterr().out
+    assert code == 3 and "error: loss became" in capsys.readouterr().err
     assert not (tmp_path / "hn.pt").exists()
 
 

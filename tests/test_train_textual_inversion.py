@@ -188,7 +188,7 @@ def test_sigterm_saves_and_resume_continues(uninterrupted, tiny_sd1_path, traini
 
 def test_prompts_without_placeholder_fail_before_step_one(tiny_sd1_path, training_images, tmp_path, capsys):
     code = main(_argv(tiny_sd1_path, training_images, tmp_path, "--template_file", "none", "--max_train_steps", "2"))
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert code == 2 and "no training prompt contains the placeholder 'my-thing'" in out
     assert not (tmp_path / "my-thing.pt").exists()
 
@@ -197,7 +197,7 @@ def test_placeholder_that_is_a_vocabulary_word_fails_before_step_one(tiny_sd1_pa
     argv = _argv(tiny_sd1_path, training_images, tmp_path, "--max_train_steps", "2")
     argv[argv.index("--placeholder_token") + 1] = "Cat"
     code = main(argv)
-    out = capsys.readouterr().out.strip().splitlines()
+    out = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and out[-1].startswith("error: --placeholder_token 'Cat' is already a word"), out
     assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("settings-*.json"))
 
@@ -207,7 +207,7 @@ def test_empty_dataset_fails_before_step_one(tiny_sd1_path, tmp_path, capsys):
     empty.mkdir()
     (empty / "notes.txt").write_text("no pictures here")
     code = main(_argv(tiny_sd1_path, empty, tmp_path / "out", "--max_train_steps", "2"))
-    out = capsys.readouterr().out.strip().splitlines()
+    out = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and out[-1].startswith("error:") and "no usable images" in out[-1], out
     assert not (tmp_path / "out" / "my-thing.pt").exists()
 
@@ -219,7 +219,7 @@ def test_nan_loss_stops_without_saving_a_nan_embedding(tiny_sd1_path, training_i
     capsys.readouterr()
     code = main(_argv(tiny_sd1_path, training_images, tmp_path, "--learning_rate", "1e30", "--max_train_steps", "6",
                       "--save_steps", "1", "--checkpointing_steps", "0"))
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert code == 3, out
     assert re.search(r"error: loss became (nan|inf) at step \d+: the learning rate \(1e\+30\) is likely too high", out), out
     assert (tmp_path / "my-thing.pt").read_bytes() == good
@@ -245,7 +245,7 @@ def test_config_file_supplies_flags_and_command_line_wins(tiny_sd1_path, trainin
 def test_nan_rollback_returns_to_the_last_checkpoint_then_gives_up(tiny_sd1_path, training_images, tmp_path, capsys):
     code = main(_argv(tiny_sd1_path, training_images, tmp_path, "--learning_rate", "0.001:3, 1e30:4, 0.001",
                       "--max_train_steps", "6", "--checkpointing_steps", "3", "--save_steps", "0", "--on_nan", "rollback"))
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert out.count("rolled back to step 3, learning rate now x") == 10
     assert code == 3 and "rolled back 10 times" in out
     assert torch.isfinite(load_embedding_vectors(tmp_path / "checkpoint-3")).all()

@@ -73,15 +73,16 @@ def test_resume_from_embedding_continues_its_step_count(tiny_sd1_path, training_
     second = tmp_path / "second"
     assert main(_argv(tiny_sd1_path, training_images, second, "--max_train_steps", "5", "--checkpointing_steps", "0",
                       "--validation_steps", "0", "--resume_from_embedding", str(first / "my-thing.pt"))) == 0
-    out = capsys.readouterr().out
-    assert "steps 3 -> 5" in out and "does not match" not in out
+    printed = capsys.readouterr()
+    assert "steps 3 -> 5" in printed.out and "does not match" not in printed.err
+    assert f"resumed from {first / 'my-thing.pt'} at step 3" in printed.out.splitlines()
     assert load_embedding(second / "my-thing.pt").step == 5
     wrong = tmp_path / "wrong.safetensors"
     from tinv_lib.embeddings.formats import Embedding, save_safetensors
 
     save_safetensors(Embedding("wrong", torch.zeros(1, 48)), wrong)
     code = main(_argv(tiny_sd1_path, training_images, tmp_path / "third", "--resume_from_embedding", str(wrong)))
-    assert code == 2 and "do not fit this model" in capsys.readouterr().out
+    assert code == 2 and "do not fit this model" in capsys.readouterr().err
 
 
 def test_sd2_bf16_from_the_accelerate_environment_with_checkpointing(tiny_sd2_path, training_images, tmp_path, monkeypatch):

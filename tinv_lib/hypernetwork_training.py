@@ -29,16 +29,24 @@ from tinv_lib.hypernetworks import (
     save_hypernetwork,
     save_optimizer_sidecar,
 )
-from tinv_lib.training.arguments import add_model_arguments, add_training_arguments, parse_with_config
+from tinv_lib.training.arguments import (
+    HelpFormatter,
+    add_model_arguments,
+    add_training_arguments,
+    mark_required,
+    parse_with_config,
+)
+from tinv_lib.training.preflight import require_file
 
 KIND = "hypernetwork"
+REQUIRED = ["pretrained_model_name_or_path", "train_data_dir", "hypernetwork_name"]
 PROMPT_CACHE_BYTES = 512 * 2**20  # most recent prompt encodings kept (frozen text encoder)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train an A1111-compatible hypernetwork (A1111 Train tab features on Accelerate).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_model_arguments(parser)
     group = parser.add_argument_group("hypernetwork")
@@ -46,21 +54,33 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--layer_structure", default="1, 2, 1", help="width multipliers of the layers")
     group.add_argument("--activation_func", default="linear", choices=activation_names(),
                        help="activation after each hidden linear (swish = Hardswish, as in A1111)")
-    group.add_argument("--weight_init", default="Normal", choices=list(WEIGHT_INITS))
+    group.add_argument("--weight_init", default="Normal", choices=list(WEIGHT_INITS), help="initialisation of the linear weights")
     group.add_argument("--layer_norm", action="store_true", help="LayerNorm after each linear")
-    group.add_argument("--dropout_structure", default="", help='dropout per layer, e.g. "0, 0.1, 0" (empty: none)')
+    group.add_argument("--dropout_structure", default="", help='dropout per layer, e.g. "0, 0.1, 0"; empty: none')
     group.add_argument("--activate_output", action="store_true", help="activation after the last linear too")
     group.add_argument("--sizes", default="", help="context widths to cover (default: every k/v width of the model)")
     group.add_argument("--resume_from_hypernetwork", help="continue training this .pt (its step count continues)")
     add_training_arguments(parser, default_lr="0.00001", default_template="hypernetwork")
-    group.add_argument("--adam_weight_decay", type=float, default=0.01, help="AdamW weight decay (A1111: torch default 0.01)")
+    group.add_argument("--adam_weight_decay", type=float, default=0.01, help="AdamW weight decay (default: 0.01, torch's, as in A1111)")
+    mark_required(parser, REQUIRED)
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = parse_with_config(build_parser(), argv, ["pretrained_model_name_or_path", "train_data_dir", "hypernetwork_name"])
+    args = parse_with_config(build_parser(), argv, REQUIRED)
+    require_file("resume_from_hypernetwork", args.resume_from_hypernetwork)
+    if not args.resume_from_hypernetwork:
+        _create_options(args)  # bad structures and dropout values fail here, before the model loads
+        if args.sizes:
+            parse_sizes(args.sizes)
     args.hypernetwork_name = sanitize_name(args.hypernetwork_name)
     return args
+
+
+def _create_options(args: argparse.Namespace):
+    """The create options of a new hypernetwork, from the flags (A1111's create rules)."""
+    return make_options(args.layer_structure, args.activation_func, args.weight_init, args.layer_norm,
+                        dropout_structure=args.dropout_structure or None, activate_output=args.activate_output)
 
 
 class HypernetworkTask:
@@ -74,6 +94,7 @@ class HypernetworkTask:
         self.optimizer_state: dict | None = None
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
         self._cache_bytes = 0
+        self.resumed_from: Path | None = None  # the --resume_from_hypernetwork file, once read
 
     def setup(self, family, model_info, args, device: torch.device) -> int:
         from tinv_lib.prompt_encoding import PromptEncoder
@@ -83,10 +104,9 @@ class HypernetworkTask:
             self.network = load_hypernetwork(args.resume_from_hypernetwork)
             saved = load_optimizer_sidecar(args.resume_from_hypernetwork)
             self.optimizer_state = saved.state_dict if saved else None
+            self.resumed_from = Path(args.resume_from_hypernetwork)
         else:
-            options = make_options(args.layer_structure, args.activation_func, args.weight_init, args.layer_norm,
-                                   dropout_structure=args.dropout_structure or None,
-                                   activate_output=args.activate_output)
+            options = _create_options(args)
             sizes = parse_sizes(args.sizes) if args.sizes else context_widths(family.unet)
             self.network = create_hypernetwork(self.name, sizes, options, seed=args.seed)
         self.network.name = self.name

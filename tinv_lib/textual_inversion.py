@@ -19,15 +19,25 @@ from tinv_lib.embeddings.create import create_embedding_vectors, sanitize_name
 from tinv_lib.embeddings.formats import Embedding, load_embedding, save_pt, save_safetensors
 from tinv_lib.errors import TinvError
 from tinv_lib.torch_files import safe_torch_load, save_a1111_pt
-from tinv_lib.training.arguments import add_model_arguments, add_training_arguments, parse_with_config
+from tinv_lib.training.arguments import (
+    ArgumentError,
+    HelpFormatter,
+    add_model_arguments,
+    add_training_arguments,
+    mark_required,
+    parse_with_config,
+)
+from tinv_lib.training.preflight import require_file
 
 KIND = "textual_inversion"
+MAX_VECTORS = 75
+REQUIRED = ["pretrained_model_name_or_path", "train_data_dir", "placeholder_token"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train a textual-inversion embedding (A1111 Train tab features on Accelerate).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_model_arguments(parser)
     group = parser.add_argument_group("embedding")
@@ -37,11 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--resume_from_embedding", help="continue training this embedding file (its step count continues)")
     add_training_arguments(parser, default_lr="0.005", default_template="subject_filewords")
     parser.set_defaults(adam_weight_decay=0.0)
+    mark_required(parser, REQUIRED)
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = parse_with_config(build_parser(), argv, ["pretrained_model_name_or_path", "train_data_dir", "placeholder_token"])
+    args = parse_with_config(build_parser(), argv, REQUIRED)
+    if not 1 <= args.num_vectors <= MAX_VECTORS:
+        raise ArgumentError(f"--num_vectors must be 1-{MAX_VECTORS} (one prompt holds 75 tokens), not {args.num_vectors}")
+    require_file("resume_from_embedding", args.resume_from_embedding)
     args.placeholder_token = sanitize_name(args.placeholder_token)
     return args
 
@@ -58,6 +72,7 @@ class TextualInversionTask:
         self.optimizer_state: dict | None = None
         self.initial: dict[str, torch.Tensor] = {}  # the vectors training started from (diagnostics)
         self.vocabularies = None  # the model's vocabularies for diagnostics, built at the first save
+        self.resumed_from: Path | None = None  # the --resume_from_embedding file, once read
 
     # -- set-up
     def setup(self, family, model_info, args, device: torch.device) -> int:
@@ -71,6 +86,7 @@ class TextualInversionTask:
             embedding = load_embedding(args.resume_from_embedding)
             initial = self._check_fits(embedding)
             step = embedding.step or 0
+            self.resumed_from = Path(args.resume_from_embedding)
             self.optimizer_state = self._matching_optimizer_state(Path(args.resume_from_embedding), embedding)
         else:
             initial = create_embedding_vectors(family.tokenizers, family.text_encoders,
@@ -107,7 +123,7 @@ class TextualInversionTask:
             return None
         data = safe_torch_load(sidecar)
         if not isinstance(data, dict) or data.get("hash") != embedding.checksum():
-            print(f"notice: {sidecar.name} does not match the embedding; starting with a fresh optimizer")
+            print(f"notice: {sidecar.name} does not match the embedding; starting with a fresh optimizer", file=sys.stderr)
             return None
         return data.get("optimizer_state_dict")
 

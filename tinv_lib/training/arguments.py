@@ -10,12 +10,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from tinv_lib.errors import TinvError
+from tinv_lib.cli_help import HelpFormatter, mark_required
 from tinv_lib.training.data import BUILTIN_TEMPLATES
+from tinv_lib.training.preflight import ArgumentError, check_training_arguments
 
-
-class ArgumentError(TinvError):
-    """A flag or config file value is invalid."""
+__all__ = ["ArgumentError", "HelpFormatter", "add_model_arguments", "add_training_arguments", "mark_required",
+           "parse_with_config"]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +42,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_lr: str, def
     data.add_argument("--mask_dir", help="folder of loss masks <stem>-masklabel.png (default: beside the images); "
                       "white = the concept, black = not")
     data.add_argument("--unmasked_weight", type=float, default=None,
-                      help="loss weight outside the masks, in [0, 1] (default 0; given, the alpha channel is a mask too)")
+                      help="loss weight outside the masks, in [0, 1] (default: 0; given, the alpha channel is a mask too)")
     data.add_argument("--latent_sampling", choices=["once", "deterministic", "random"], default="once",
                       help="VAE posterior: one fixed sample, its mean, or a fresh sample every step")
     data.add_argument("--latent_cache_dir", help="also keep the latent cache on disk here (reused across runs)")
@@ -51,16 +51,17 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_lr: str, def
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--learning_rate", default=default_lr, help='a float or an A1111 schedule "0.005:100, 1e-3:1000, 1e-5"')
     optim.add_argument("--lr_scheduler", default="constant", help="diffusers scheduler for a plain-float rate (constant, linear, cosine, ...)")
-    optim.add_argument("--lr_warmup_steps", type=int, default=0)
+    optim.add_argument("--lr_warmup_steps", type=int, default=0, help="steps of linear warm-up for --lr_scheduler")
     optim.add_argument("--train_batch_size", type=int, default=1, help="images per batch per process")
-    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                       help="micro-batches summed into each optimizer step")
     optim.add_argument("--max_train_steps", type=int, default=3000, help="optimizer steps (never exceeded, also when resuming)")
     optim.add_argument("--max_grad_norm", help="clip the gradient norm (a float or schedule string), after unscaling")
     optim.add_argument("--clip_grad_value", help="clip gradient values (a float or schedule string), after unscaling")
     optim.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW")
-    optim.add_argument("--adam_beta1", type=float, default=0.9)
-    optim.add_argument("--adam_beta2", type=float, default=0.999)
-    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
+    optim.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    optim.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
     optim.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward to save memory")
     optim.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                        help="default: what `accelerate launch` / the accelerate config says")
@@ -74,17 +75,18 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_lr: str, def
     out.add_argument("--save_optimizer_state", action="store_true", help="write A1111 .optim sidecars next to saved files")
     out.add_argument("--validation_steps", type=int, default=500, help="preview images every N steps (0: off)")
     out.add_argument("--validation_prompt", help="preview prompt (default: the first training prompt of the batch)")
-    out.add_argument("--validation_negative_prompt", default="")
+    out.add_argument("--validation_negative_prompt", default="", help="preview negative prompt")
     out.add_argument("--validation_seed", type=int, default=None, help="fixed preview seed (default: the run seed plus the step)")
-    out.add_argument("--num_validation_images", type=int, default=1)
-    out.add_argument("--validation_num_inference_steps", type=int, default=20)
+    out.add_argument("--num_validation_images", type=int, default=1, help="preview images per preview")
+    out.add_argument("--validation_num_inference_steps", type=int, default=20, help="sampling steps per preview")
     out.add_argument("--validation_guidance_scale", type=float, default=7.0,
-                     help="preview CFG scale (A1111's default 7; small models such as models/toy want about 4)")
+                     help="preview CFG scale (default: 7.0, as A1111; small models such as models/toy want about 4)")
     out.add_argument("--log_csv_steps", type=int, default=10, help="a loss CSV row every N steps")
-    out.add_argument("--report_to", choices=["tensorboard", "none"], default="tensorboard")
+    out.add_argument("--report_to", choices=["tensorboard", "none"], default="tensorboard",
+                     help="log loss, learning rate and previews to TensorBoard (in <output_dir>/logs)")
     out.add_argument("--checkpointing_steps", type=int, default=500, help="resumable checkpoint every N steps (0: off)")
-    out.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
-    out.add_argument("--resume_from_checkpoint", help='"latest" or a checkpoint folder')
+    out.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints (default: all)")
+    out.add_argument("--resume_from_checkpoint", help='"latest" (the newest in --output_dir, if any) or a checkpoint folder')
     parser.add_argument("--config", help="TOML or YAML file of flag values (command-line flags win)")
 
 
@@ -109,18 +111,10 @@ def _read_config(path: Path) -> dict:
     return data
 
 
-def _check_mask_arguments(args: argparse.Namespace) -> None:
-    """Refuse bad mask settings before the model loads, not after minutes of loading."""
-    weight = args.unmasked_weight
-    if weight is not None and not 0.0 <= weight <= 1.0:
-        raise ArgumentError(f"--unmasked_weight must be in [0, 1], not {weight}")
-    if args.mask_dir and not Path(args.mask_dir).is_dir():
-        raise ArgumentError(f"--mask_dir {args.mask_dir}: no such folder")
-
-
 def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None, required: list[str]) -> argparse.Namespace:
     """Parse `argv`, with defaults from `--config` when given; check `required` afterwards (so
-    they may come from the config file)."""
+    they may come from the config file), then every flag that can be checked without the model
+    (`tinv_lib.training.preflight`)."""
     argv = sys.argv[1:] if argv is None else argv
     first, _ = parser.parse_known_args(argv)
     if first.config:
@@ -134,14 +128,6 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None, r
     missing = [f"--{name}" for name in required if getattr(args, name) in (None, "")]
     if missing:
         raise ArgumentError(f"missing required setting(s): {', '.join(missing)}")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "resolution"):
-        if getattr(args, name) < 1:
-            raise ArgumentError(f"--{name} must be a positive integer")
-    for name in ("save_steps", "validation_steps", "checkpointing_steps", "log_csv_steps"):
-        if getattr(args, name) < 0:
-            raise ArgumentError(f"--{name} must be 0 (off) or a positive integer")
-    if not 0.0 <= args.tag_dropout < 1.0 or not 0.0 <= args.flip_p <= 1.0:
-        raise ArgumentError("--tag_dropout must be in [0, 1) and --flip_p in [0, 1]")
-    _check_mask_arguments(args)
     args.learning_rate = str(args.learning_rate)
+    check_training_arguments(args)
     return args

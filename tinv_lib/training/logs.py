@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 import time
 from pathlib import Path
 
@@ -47,8 +48,9 @@ class RunLogger:
 
         self.bar = tqdm(total=args.max_train_steps, initial=resume_step or 0, desc=kind, dynamic_ncols=True)
 
-    def step(self, step: int, loss: float, rate: float, grad_norm: float) -> None:
-        """Record one optimizer step."""
+    def step(self, step: int, loss: float, rate: float, grad_norm: float, last: bool = False) -> None:
+        """Record one optimizer step; the CSV gets a row every `--log_csv_steps` steps and at the
+        `last` step of the run, so a run shorter than the interval still leaves one."""
         if not self.active:
             return
         now = time.perf_counter()
@@ -62,7 +64,7 @@ class RunLogger:
             self.writer.add_scalar("train/lr", rate, step)
             self.writer.add_scalar("train/grad_norm", grad_norm, step)
             self.writer.add_scalar("train/it_per_s", speed, step)
-        if self.csv_every and step % self.csv_every == 0:
+        if self.csv_every and (step % self.csv_every == 0 or last):
             new = not self.csv_path.is_file()
             with open(self.csv_path, "a", newline="") as handle:
                 out = csv.writer(handle, lineterminator="\n")
@@ -70,6 +72,15 @@ class RunLogger:
                     out.writerow(CSV_COLUMNS)
                 epoch, epoch_step = divmod(step - 1, self.steps_per_epoch)
                 out.writerow([step, epoch, epoch_step, f"{loss:.7f}", rate])
+
+    def notice(self, text: str) -> None:
+        """A notice on stderr, on a line of its own even while the progress bar is drawn."""
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         """TensorBoard scalars a task reports beside the loop's own (tag -> value)."""

@@ -5,6 +5,9 @@ how prompts become conditioning, what files are written). The loop reads top to 
 set up → cache latents → (resume) → for each optimizer step: accumulate micro-batches, reduce
 gradients across processes, guard against NaN, clip, step → log, save, preview, checkpoint.
 
+Nothing is lost to a crash: a preview that fails is reported once and previews stop, and any
+other exception inside the loop first saves the trained file and a checkpoint (`crash`).
+
 Gradients are averaged across processes by one explicit all-reduce of the (small) trainable
 tensors per step, which is also where the NaN and stop flags of every rank are combined, so all
 ranks always agree on what happens next.
@@ -17,6 +20,7 @@ import datetime
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 from tinv_lib.atomic import atomic_path, atomic_write_text
 from tinv_lib.errors import TinvError
 from tinv_lib.training import checkpoints as ckpt
+from tinv_lib.training.crash import EXIT_CRASH, preview_notice, save_after_crash
 from tinv_lib.training.data import (
     BatchPlan,
     MaskOptions,
@@ -130,7 +135,9 @@ def train(args, task: TrainingTask, on_step: Callable[[int], None] | None = None
 
     from tinv_lib.model_family import family_of
     from tinv_lib.models import load_base_model
+    from tinv_lib.quiet import silence_known_noise
 
+    silence_known_noise()  # also when train() is called without run_script (benchmarks, notebooks)
     # Accelerate keeps its precision settings in process-wide singletons: clear them so a second
     # run in the same process (tests, notebooks) follows its own flags and environment.
     AcceleratorState._reset_state()
@@ -160,7 +167,7 @@ def train(args, task: TrainingTask, on_step: Callable[[int], None] | None = None
         for encoder in family.text_encoders:
             encoder.gradient_checkpointing_enable()
             encoder.train()
-    task_step = task.setup(family, model_info, args, device)
+    task_step = file_step = task.setup(family, model_info, args, device)
 
     # ---- data: images, prompts, latents cached once
     templates = load_template(args.template_file)
@@ -209,9 +216,10 @@ def train(args, task: TrainingTask, on_step: Callable[[int], None] | None = None
         stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
         atomic_write_text(output_dir / f"settings-{stamp}.json", json.dumps(settings, indent=1, default=str))
         for line in skipped:
-            print(f"skipped {line}")
+            logger.notice(f"skipped {line}")
         for line in notices:
-            print(f"notice: {line}")
+            logger.notice(f"notice: {line}")
+        _report_resume(args, task, output_dir, file_step, resume, task_step)
         for line in schedule.describe():
             print(line)
         print(f"***** {task.kind}: {len(images)} images, {plan.steps_per_epoch} steps per epoch, "
@@ -224,105 +232,114 @@ def train(args, task: TrainingTask, on_step: Callable[[int], None] | None = None
     lr_multiplier, rollbacks = 1.0, 0
     step = task_step
     exit_code = 0
+    previews_on = bool(args.validation_steps)
     task.set_training(True)
-    with stop_request:
-        while step < end_step:
-            rate = schedule.rate_at(step)
-            if rate is None:
-                break
-            loss_sum, last_prompts = 0.0, []
-            for micro in range(args.gradient_accumulation_steps):
-                k = step * args.gradient_accumulation_steps + micro
-                torch.manual_seed(seeded(args.seed, 7, k, rank))  # dropout et al.: a function of the step too
-                epoch, members = plan.batch(k)
-                mine = list(enumerate(members))[rank * batch:(rank + 1) * batch]
-                latents, noises, timesteps, prompts, weights = [], [], [], [], []
-                for position, index in mine:
-                    image = images[index]
-                    text_rng = random.Random(seeded(args.seed, 3, k, position))
-                    prompts.append(build_prompt(text_rng.choice(templates), image.caption, task.name, text_rng,
-                                                args.shuffle_tags, args.tag_dropout))
-                    flip = random.Random(seeded(args.seed, 6, k, position)).random() < args.flip_p
-                    mean, std = image.latents[flip]
-                    once = torch.randn(mean.shape, generator=torch.Generator().manual_seed(seeded(args.seed, 5, index, int(flip))))
-                    fresh = torch.randn(mean.shape, generator=torch.Generator().manual_seed(seeded(args.seed, 4, k, position)))
-                    latents.append(sample_latent(mean, std, args.latent_sampling, once, fresh) * family.latent_scale)
-                    generator = torch.Generator().manual_seed(seeded(args.seed, 2, k, position))
-                    noises.append(torch.randn(mean.shape, generator=generator))
-                    timesteps.append(torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=generator))
-                    weight = image.weight.flip(-1) if (image.weight is not None and flip) else image.weight
-                    weights.append(weight if weight is not None else torch.ones(mean.shape[1:]))
-                latents_t = torch.stack(latents).to(device)
-                noise_t = torch.stack(noises).to(device)
-                t = torch.cat(timesteps).to(device)
-                noisy = noise_scheduler.add_noise(latents_t, noise_t, t)
-                with accelerator.autocast():
-                    hidden, pooled = task.conditioning(prompts)
-                    extra = family.unet_extra(pooled, [images[i].size for _, i in mine], device, weight_dtype)
-                    prediction = family.unet(noisy.to(weight_dtype), t, hidden.to(weight_dtype), **extra).sample
-                target = family.training_target(noise_scheduler, latents_t, noise_t, t)
-                per_element = F.mse_loss(prediction.float(), target.float(), reduction="none")
-                loss = (per_element * torch.stack(weights).to(device)[:, None]).mean()
-                accelerator.backward(loss / args.gradient_accumulation_steps)
-                loss_sum += loss.item() / args.gradient_accumulation_steps
-                last_prompts = prompts
-
-            bad = not math.isfinite(loss_sum)
-            loss_value, bad, stop = _mix_across_processes(accelerator, params, loss_sum, bad, stop_request.requested)
-            if bad:
-                optimizer.zero_grad(set_to_none=True)
-                rollbacks += 1
-                if args.on_nan == "stop" or rollbacks > MAX_ROLLBACKS:
-                    exit_code = EXIT_NAN
-                    message = (f"loss became {loss_value} at step {step}: the learning rate ({rate}) is likely too high"
-                               f"{', or fp16 overflowed (try --mixed_precision bf16 or no)' if weight_dtype == torch.float16 else ''}; "
-                               f"{'rolled back ' + str(MAX_ROLLBACKS) + ' times; ' if rollbacks > 1 else ''}"
-                               "stopped without saving over the last good files")
-                    if is_main:
-                        print(f"error: {message}")
+    try:
+        with stop_request:
+            while step < end_step:
+                rate = schedule.rate_at(step)
+                if rate is None:
                     break
-                step, tensors, optimizer_state = snapshot
-                task.load_state_tensors(tensors)
-                optimizer.load_state_dict(copy.deepcopy(optimizer_state))
-                lr_multiplier *= 0.5
-                if is_main:
-                    print(f"notice: loss became {loss_value}; rolled back to step {step}, learning rate now x{lr_multiplier}")
-                continue
+                loss_sum, last_prompts = 0.0, []
+                for micro in range(args.gradient_accumulation_steps):
+                    k = step * args.gradient_accumulation_steps + micro
+                    torch.manual_seed(seeded(args.seed, 7, k, rank))  # dropout et al.: a function of the step too
+                    epoch, members = plan.batch(k)
+                    mine = list(enumerate(members))[rank * batch:(rank + 1) * batch]
+                    latents, noises, timesteps, prompts, weights = [], [], [], [], []
+                    for position, index in mine:
+                        image = images[index]
+                        text_rng = random.Random(seeded(args.seed, 3, k, position))
+                        prompts.append(build_prompt(text_rng.choice(templates), image.caption, task.name, text_rng,
+                                                    args.shuffle_tags, args.tag_dropout))
+                        flip = random.Random(seeded(args.seed, 6, k, position)).random() < args.flip_p
+                        mean, std = image.latents[flip]
+                        once = torch.randn(mean.shape, generator=torch.Generator().manual_seed(seeded(args.seed, 5, index, int(flip))))
+                        fresh = torch.randn(mean.shape, generator=torch.Generator().manual_seed(seeded(args.seed, 4, k, position)))
+                        latents.append(sample_latent(mean, std, args.latent_sampling, once, fresh) * family.latent_scale)
+                        generator = torch.Generator().manual_seed(seeded(args.seed, 2, k, position))
+                        noises.append(torch.randn(mean.shape, generator=generator))
+                        timesteps.append(torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=generator))
+                        weight = image.weight.flip(-1) if (image.weight is not None and flip) else image.weight
+                        weights.append(weight if weight is not None else torch.ones(mean.shape[1:]))
+                    latents_t = torch.stack(latents).to(device)
+                    noise_t = torch.stack(noises).to(device)
+                    t = torch.cat(timesteps).to(device)
+                    noisy = noise_scheduler.add_noise(latents_t, noise_t, t)
+                    with accelerator.autocast():
+                        hidden, pooled = task.conditioning(prompts)
+                        extra = family.unet_extra(pooled, [images[i].size for _, i in mine], device, weight_dtype)
+                        prediction = family.unet(noisy.to(weight_dtype), t, hidden.to(weight_dtype), **extra).sample
+                    target = family.training_target(noise_scheduler, latents_t, noise_t, t)
+                    per_element = F.mse_loss(prediction.float(), target.float(), reduction="none")
+                    loss = (per_element * torch.stack(weights).to(device)[:, None]).mean()
+                    accelerator.backward(loss / args.gradient_accumulation_steps)
+                    loss_sum += loss.item() / args.gradient_accumulation_steps
+                    last_prompts = prompts
 
-            accelerator.unscale_gradients()
-            max_norm = clip_norm.rate_at(step) if clip_norm else None
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf")).item()
-            if clip_value and clip_value.rate_at(step):
-                torch.nn.utils.clip_grad_value_(params, clip_value.rate_at(step))
-            for group in optimizer.param_groups:
-                group["lr"] = rate * lr_multiplier
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            logger.step(step, loss_value, rate * lr_multiplier, grad_norm)
-            if on_step is not None:
-                on_step(step)
+                bad = not math.isfinite(loss_sum)
+                loss_value, bad, stop = _mix_across_processes(accelerator, params, loss_sum, bad, stop_request.requested)
+                if bad:
+                    optimizer.zero_grad(set_to_none=True)
+                    rollbacks += 1
+                    if args.on_nan == "stop" or rollbacks > MAX_ROLLBACKS:
+                        exit_code = EXIT_NAN
+                        message = (f"loss became {loss_value} at step {step}: the learning rate ({rate}) is likely too high"
+                                   f"{', or fp16 overflowed (try --mixed_precision bf16 or no)' if weight_dtype == torch.float16 else ''}; "
+                                   f"{'rolled back ' + str(MAX_ROLLBACKS) + ' times; ' if rollbacks > 1 else ''}"
+                                   "stopped without saving over the last good files")
+                        if is_main:
+                            print(f"error: {message}", file=sys.stderr)
+                        break
+                    step, tensors, optimizer_state = snapshot
+                    task.load_state_tensors(tensors)
+                    optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+                    lr_multiplier *= 0.5
+                    logger.notice(f"notice: loss became {loss_value}; rolled back to step {step}, "
+                                  f"learning rate now x{lr_multiplier}")
+                    continue
 
-            final_step = step >= end_step or stop
-            if args.save_steps and step % args.save_steps == 0 and not final_step and is_main:
-                task.save_files(output_dir, step, final=False, optimizer_state=_optim_state(args, optimizer))
-                _describe_saved(task, step, False, logger)
-            if args.validation_steps and step % args.validation_steps == 0:
-                _preview(args, task, family, last_prompts[0] if last_prompts else task.name, step, output_dir, logger, is_main)
-            if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or final_step):
-                if is_main:
-                    _save_checkpoint(output_dir, task, optimizer, accelerator, step, start_step, args)
-                accelerator.wait_for_everyone()
-                snapshot = (step, {k: v.clone() for k, v in task.state_tensors().items()}, copy.deepcopy(optimizer.state_dict()))
-            if stop:
-                exit_code = stop_request.exit_code
-                break
+                accelerator.unscale_gradients()
+                max_norm = clip_norm.rate_at(step) if clip_norm else None
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf")).item()
+                if clip_value and clip_value.rate_at(step):
+                    torch.nn.utils.clip_grad_value_(params, clip_value.rate_at(step))
+                for group in optimizer.param_groups:
+                    group["lr"] = rate * lr_multiplier
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                final_step = step >= end_step or stop
+                logger.step(step, loss_value, rate * lr_multiplier, grad_norm, last=final_step)
+                if on_step is not None:
+                    on_step(step)
+
+                if args.save_steps and step % args.save_steps == 0 and not final_step and is_main:
+                    task.save_files(output_dir, step, final=False, optimizer_state=_optim_state(args, optimizer))
+                    _describe_saved(task, step, False, logger)
+                if previews_on and step % args.validation_steps == 0:
+                    previews_on = _preview(args, task, family, last_prompts[0] if last_prompts else task.name, step,
+                                           output_dir, logger, is_main)
+                if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or final_step):
+                    if is_main:
+                        _save_checkpoint(output_dir, task, optimizer, accelerator, step, start_step, args)
+                    accelerator.wait_for_everyone()
+                    snapshot = (step, {k: v.clone() for k, v in task.state_tensors().items()}, copy.deepcopy(optimizer.state_dict()))
+                if stop:
+                    exit_code = stop_request.exit_code
+                    break
+    except Exception as error:  # noqa: BLE001 - whatever broke the loop, the training is saved first
+        task.set_training(False)
+        save = (lambda: _save_everything(output_dir, task, optimizer, accelerator, step, start_step, args)) if is_main else None
+        message = save_after_crash(error, output_dir, step, accelerator.process_index, save)
+        logger.close()
+        raise TrainingStopped(message, EXIT_CRASH) from None
 
     task.set_training(False)
     if exit_code != EXIT_NAN and is_main:
         written = task.save_files(output_dir, step, final=True, optimizer_state=_optim_state(args, optimizer))
         if exit_code:
-            print(f"Training interrupted at step {step}; resume with --resume_from_checkpoint latest")
+            print(f"Training interrupted at step {step}; resume with --resume_from_checkpoint latest", file=sys.stderr)
         print(f"Saved step {step}: {', '.join(str(path) for path in written)}")
         _describe_saved(task, step, True, logger)
     logger.close()
@@ -342,18 +359,38 @@ def _describe_saved(task, step: int, final: bool, logger: RunLogger) -> None:
         describe(step, final, logger)
 
 
-def _save_checkpoint(output_dir: Path, task, optimizer, accelerator, step: int, start_step: int, args) -> None:
+def _report_resume(args, task, output_dir: Path, file_step: int, checkpoint: Path | None, step: int) -> None:
+    """Say what resuming did: from which file or checkpoint, at which step, or that there was none."""
+    source = getattr(task, "resumed_from", None)
+    if source is not None:
+        print(f"resumed from {source} at step {file_step}")
+    if checkpoint is not None:
+        print(f"resumed from {checkpoint} at step {step}")
+    elif args.resume_from_checkpoint:
+        print(f"no checkpoint in {output_dir}: starting at step {step}")
+
+
+def _save_everything(output_dir: Path, task, optimizer, accelerator, step: int, start_step: int, args) -> list[Path]:
+    """After a crash: the trained file(s) as `<name>.pt` (marked with `step`) and a checkpoint."""
+    written = task.save_files(output_dir, step, final=True, optimizer_state=_optim_state(args, optimizer))
+    return [*written, _save_checkpoint(output_dir, task, optimizer, accelerator, step, start_step, args)]
+
+
+def _save_checkpoint(output_dir: Path, task, optimizer, accelerator, step: int, start_step: int, args) -> Path:
     state = ckpt.CheckpointState(
         step=step, start_step=start_step, kind=task.kind, name=task.name, tensors=task.state_tensors(),
         optimizer=optimizer.state_dict(), scaler=accelerator.scaler.state_dict() if accelerator.scaler else None,
     )
-    ckpt.save_checkpoint(output_dir, state, args.checkpoints_total_limit)
+    return ckpt.save_checkpoint(output_dir, state, args.checkpoints_total_limit)
 
 
-def _preview(args, task, family, training_prompt: str, step: int, output_dir: Path, logger, is_main: bool) -> None:
-    """Preview images on the main process, with the VAE brought back if it was offloaded."""
+def _preview(args, task, family, training_prompt: str, step: int, output_dir: Path, logger, is_main: bool) -> bool:
+    """Preview images on the main process, with the VAE brought back if it was offloaded.
+
+    Returns whether previews should go on: a preview that raises is reported once and turned
+    off, since a picture is never worth the training it would otherwise end."""
     if not is_main:
-        return
+        return True
     device = family.unet.device
     if args.offload_vae:
         family.vae.to(device)
@@ -367,10 +404,14 @@ def _preview(args, task, family, training_prompt: str, step: int, output_dir: Pa
                                 args.validation_num_inference_steps, args.validation_guidance_scale, size,
                                 output_dir, step, args.num_validation_images)
         logger.images(step, pictures, prompt, time.perf_counter() - started)
+    except Exception as error:  # noqa: BLE001 - any failure of a preview, see the docstring
+        logger.notice(preview_notice(error, step))
+        return False
     finally:
         task.set_training(True)
         if args.offload_vae:
             family.vae.to("cpu")
+    return True
 
 
 def save_previews(pictures: list, output_dir: Path, name: str, step: int) -> None:
@@ -382,13 +423,17 @@ def save_previews(pictures: list, output_dir: Path, name: str, step: int) -> Non
 
 
 def run_script(parse_args: Callable, task_class: Callable, argv: list[str] | None = None) -> int:
-    """What both training scripts do: parse, train, turn errors into one line and an exit code."""
+    """What both training scripts do: parse (every flag checked before the model loads), train,
+    turn errors into one line on stderr and an exit code."""
+    from tinv_lib.quiet import silence_known_noise
+
+    silence_known_noise()
     try:
         args = parse_args(argv)
         return train(args, task_class(args))
     except TrainingStopped as stopped:
-        print(f"error: {stopped}")
+        print(f"error: {stopped}", file=sys.stderr)
         return stopped.exit_code
     except TinvError as error:
-        print(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,122 @@
+"""Checks of the command line that need no model weights, run before the model loads.
+
+A wrong flag must cost a second and one line, not minutes of loading followed by a crash at
+the first preview or checkpoint (`--resolution 63` used to train until diffusers refused to
+draw the preview). Everything that can be known from the flags, the files they name and the
+model's small JSON configs is checked here; the error is an `ArgumentError` (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from tinv_lib.errors import TinvError
+
+PIPELINE_MULTIPLE = 8  # diffusers' SD and SDXL pipelines refuse image sides that are not multiples of 8
+POSITIVE = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "resolution",
+            "num_validation_images", "validation_num_inference_steps")
+ZERO_OR_POSITIVE = ("save_steps", "validation_steps", "checkpointing_steps", "log_csv_steps", "lr_warmup_steps")
+
+
+class ArgumentError(TinvError):
+    """A flag or config file value is invalid."""
+
+
+def check_training_arguments(args: argparse.Namespace) -> None:
+    """Every check of the flags both trainers share; raise `ArgumentError` on the first failure."""
+    _check_counts(args)
+    _check_probabilities(args)
+    _check_paths(args)
+    _check_resolution(args)
+    _check_schedules(args)
+
+
+def require_file(flag: str, value: str | None) -> None:
+    """A flag that names an existing file (when given)."""
+    if value and not Path(value).is_file():
+        raise ArgumentError(f"--{flag} {value}: no such file")
+
+
+def require_folder(flag: str, value: str | None) -> None:
+    """A flag that names an existing folder (when given)."""
+    if value and not Path(value).is_dir():
+        raise ArgumentError(f"--{flag} {value}: no such folder")
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    for name in POSITIVE:
+        if getattr(args, name) < 1:
+            raise ArgumentError(f"--{name} must be a positive integer, not {getattr(args, name)}")
+    for name in ZERO_OR_POSITIVE:
+        if getattr(args, name) < 0:
+            raise ArgumentError(f"--{name} must be 0 (off) or a positive integer, not {getattr(args, name)}")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise ArgumentError(f"--checkpoints_total_limit must be a positive integer, not {args.checkpoints_total_limit}")
+
+
+def _check_probabilities(args: argparse.Namespace) -> None:
+    if not 0.0 <= args.tag_dropout < 1.0:
+        raise ArgumentError(f"--tag_dropout must be in [0, 1), not {args.tag_dropout}")
+    if not 0.0 <= args.flip_p <= 1.0:
+        raise ArgumentError(f"--flip_p must be in [0, 1], not {args.flip_p}")
+    if args.unmasked_weight is not None and not 0.0 <= args.unmasked_weight <= 1.0:
+        raise ArgumentError(f"--unmasked_weight must be in [0, 1], not {args.unmasked_weight}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise ArgumentError(f"--{name} must be in [0, 1), not {getattr(args, name)}")
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Files and folders that must exist; the same rules the loaders apply later."""
+    from tinv_lib.training.checkpoints import resolve_checkpoint
+    from tinv_lib.training.data import load_template
+
+    require_folder("train_data_dir", args.train_data_dir)
+    require_folder("mask_dir", args.mask_dir)
+    load_template(args.template_file)
+    if args.resume_from_checkpoint:
+        resolve_checkpoint(args.resume_from_checkpoint, Path(args.output_dir))
+    model = args.pretrained_model_name_or_path
+    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/"))
+    if not Path(model).exists() and not looks_like_hub_id:
+        raise ArgumentError(f"--pretrained_model_name_or_path {model}: no such model folder or file")
+    require_folder("model_config", args.model_config)
+
+
+def vae_factor(args: argparse.Namespace) -> int:
+    """Pixels per latent cell, from the VAE's config.json (8, every real SD VAE's, when there is
+    no config to read: a single file without --model_config, or a hub id)."""
+    for folder in (args.model_config, args.pretrained_model_name_or_path):
+        config = Path(folder) / "vae" / "config.json" if folder else None
+        if config is None or not config.is_file():
+            continue
+        try:
+            return 2 ** (len(json.loads(config.read_text(encoding="utf-8"))["block_out_channels"]) - 1)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return 8
+
+
+def _check_resolution(args: argparse.Namespace) -> None:
+    multiple = math.lcm(PIPELINE_MULTIPLE, vae_factor(args))
+    if args.resolution % multiple:
+        nearest = max(multiple, round(args.resolution / multiple) * multiple)
+        raise ArgumentError(f"--resolution {args.resolution} must be a multiple of {multiple} (the model's VAE and "
+                            f"the preview pipeline need it): try {nearest}")
+
+
+def _check_schedules(args: argparse.Namespace) -> None:
+    """The learning-rate and clipping schedules parse."""
+    from tinv_lib.training.lr_schedule import ScheduleError, ScheduleString, build_schedule
+
+    build_schedule(args.learning_rate, args.max_train_steps, 0, args.lr_scheduler, args.lr_warmup_steps)
+    for name in ("max_grad_norm", "clip_grad_value"):
+        value = getattr(args, name)
+        try:
+            if value:
+                ScheduleString(value, args.max_train_steps, 0)
+        except ScheduleError as error:
+            raise ArgumentError(f"--{name} {value!r}: {error}") from None
