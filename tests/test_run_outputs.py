@@ -26,7 +26,7 @@ def _argv(model: Path, data: Path, out: Path, *extra: str, name: str = "my-thing
 # ---------------------------------------------------------------- 2. file modes
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o027])
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask-022", "umask-027"])
 def test_every_file_a_run_writes_gets_the_mode_open_would_give(umask, tiny_sd1_path, training_images, tmp_path):
     previous = os.umask(umask)
     try:
