@@ -370,6 +370,58 @@ def format_summary(half: str, summary: dict) -> str:
             f"{', '.join(summary['not_drawable']) or 'none'}")
 
 
+# ---------------------------------------------------------------- diagnostics against the judge
+
+
+def outcome(report: dict) -> str | None:
+    """What the judge says of a drawable concept's final embedding: "failed" (reconstruction under
+    `PASS`: it trained but does nothing), "overrode" (captured, but its edits reach under 3/4 of
+    what the same edits reach from words: it swallows the prompt), or "worked"; None when the model
+    cannot draw the concept from words."""
+    if not verdicts(report)["drawable"]:
+        return None
+    if not verdicts(report)["captured"]:
+        return "failed"
+    return "overrode" if report["trained"]["edit"]["match"] < 0.75 * report["words"]["edit"]["match"] else "worked"
+
+
+def warnings_fired(report: dict) -> set[str]:
+    """Which of the trainer's warnings (`diagnostics.warnings_for`) fire on the final embedding."""
+    from tinv_lib.embeddings.diagnostics import VectorDiagnosis, warnings_for
+
+    records = [VectorDiagnosis(**{**d, "nearest": tuple(map(tuple, d["nearest"]))}) for d in report["diagnostics"]]
+    lines = warnings_for("embedding", records)
+    return {kind for kind, phrase in (("barely moved", "barely moved"), ("overrides", "override prompts"))
+            if any(phrase in line for line in lines)}
+
+
+def format_warning_table(reports: Sequence[dict]) -> str:
+    """How often each warning fires on the embeddings that failed, overrode or worked."""
+    groups: dict[str, list[dict]] = {"failed": [], "overrode": [], "worked": []}
+    for report in reports:
+        if (kind := outcome(report)) is not None:
+            groups[kind].append(report)
+    lines = ["| warning | " + " | ".join(f"{kind} ({len(g)})" for kind, g in groups.items()) + " |",
+             "|---|" + "---|" * len(groups)]
+    for warning in ("barely moved", "overrides"):
+        cells = [f"{sum(warning in warnings_fired(r) for r in g)} of {len(g)}" for g in groups.values()]
+        lines.append(f"| {warning} | " + " | ".join(cells) + " |")
+    for kind, group in groups.items():
+        if group:
+            ratios = sorted(max(d["norm_ratio"] for d in r["diagnostics"]) for r in group)
+            cosines = sorted(min(d["cosine_to_init"] for d in r["diagnostics"]) for r in group)
+            lines.append(f"{kind}: longest vector {ratios[0]:.1f}-{ratios[-1]:.1f}x the median norm "
+                         f"(median {statistics.median(ratios):.1f}x), lowest cosine to init "
+                         f"{cosines[0]:.2f}-{cosines[-1]:.2f}")
+    return "\n".join(lines)
+
+
+def read_reports(paths: Sequence[Path]) -> list[dict]:
+    """Every concept report in suite JSON files (`--json`), for `--warnings_table`."""
+    return [report for path in paths for report in json.loads(path.read_text(encoding="utf-8"))["concepts"]
+            if "diagnostics" in report]  # older files lack them
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -392,6 +444,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--work_dir", type=Path, default=Path("output/concepts"), help="data and runs (replaced)")
     parser.add_argument("--save_grids", type=Path, default=None, help="folder for grids of every measurement")
     parser.add_argument("--json", type=Path, default=None, help="write every result as JSON")
+    parser.add_argument("--warnings_table", type=Path, nargs="+", metavar="JSON",
+                        help="train nothing: print how often each diagnostics warning fires on the failed, "
+                             "overriding and working embeddings of these suite JSON files")
     args = parser.parse_args(argv)
     if args.quick:
         args.num_seeds, args.steps, args.eval_every, args.spot_check = 2, 4, 10, 2
@@ -411,6 +466,9 @@ def chosen_concepts(args: argparse.Namespace) -> list[Concept]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.warnings_table:
+        print(format_warning_table(read_reports(args.warnings_table)))
+        return 0
     concepts = chosen_concepts(args)
     workers = max(1, min(args.workers, len(concepts)))
     options = {"model": args.model.resolve(), "num_seeds": args.num_seeds, "work_dir": args.work_dir.resolve(),
