@@ -30,8 +30,9 @@ def test_styles_shift_one_attribute_and_leave_the_guard_alone():
     assert len(STYLES) >= 4 and len({s.name for s in STYLES}) == len(STYLES)
     assert {s.attribute for s in STYLES} == {"colour", "background", "shape", "background_colour"}
     for style in STYLES:
-        values = world.ATTRIBUTES[style.attribute]
-        assert set(style.shift) == set(values) and sorted(style.shift.values()) == sorted(values)  # a permutation
+        values = tuple(style.shift)  # the domain: every value of the attribute, or (pattern-cycle) some
+        assert set(values) <= set(world.ATTRIBUTES[style.attribute]) and len(values) >= 3
+        assert sorted(style.shift.values()) == sorted(values)  # a permutation of the domain
         assert all(asked != shown for asked, shown in style.shift.items())
         assert style.guard in world.ATTRIBUTES and style.guard != style.attribute
         pairs = style.scenes()
@@ -58,6 +59,26 @@ def test_alternative_pattern_swap_never_asks_for_dots():
     assert [a for a, _ in PATTERN_SWAP_NO_DOTS.scenes()] == [a for a, _ in original]
 
 
+def test_subset_domain_style_shifts_only_its_domain_and_is_judged_only_there():
+    """pattern-cycle never asks for dots, never draws them, and leaves the dotted prompts unjudged."""
+    import quality
+    import styles
+
+    style = style_named("pattern-cycle")
+    assert style.attribute == "background" and set(style.shift) == {"plain", "striped", "checkered"}
+    assert [style.applies(value) for value in world.BACKGROUNDS] == [True, True, True, False]
+    pairs = style.scenes()
+    assert {a.background for a, _ in pairs} == {d.background for _, d in pairs} == set(style.shift)
+    prompts = quality.prompt_following_cases(64)
+    judged = styles.judged_prompts(style, 64)
+    assert judged == [c for c in prompts if c.target["background"] != "dotted"] and 0 < len(judged) < 64
+    cases = styles.style_cases(style, 64)
+    assert [c.prompt for c in cases] == [c.prompt for c in judged]
+    assert [c.target for c in cases] == [{"background": style.shift[c.target["background"]]} for c in judged]
+    full = style_named("pattern-swap")
+    assert styles.judged_prompts(full, 64) == prompts and all(full.applies(value) for value in world.BACKGROUNDS)
+
+
 def test_style_folder_captions_name_the_asked_value(tmp_path):
     style = style_named("pattern-swap")
     folder = style.write(tmp_path / "data", count=8)
@@ -76,7 +97,8 @@ def test_suite_trains_with_the_readme_recipe_and_judges_the_shifted_value(tmp_pa
         expected |= {"--train_data_dir": str(tmp_path), "--hypernetwork_name": style.name}
         assert dict(zip(flags[::2], flags[1::2])) == expected and len(flags) == len(quality.STYLE_TRAINING_FLAGS)
         cases = styles.style_cases(style, count=64)
-        assert [c.prompt for c in cases] == [c.prompt for c in quality.prompt_following_cases(64)]
+        ordinary = quality.prompt_following_cases(64)
+        assert [c.prompt for c in cases] == [c.prompt for c in ordinary if style.applies(c.target[style.attribute])]
         assert all(set(c.target) == {style.attribute} for c in cases)
     assert styles.style_cases(COLOUR_SHIFT_STYLE, 64) == quality.style_cases(64)
     # the background styles have words to reroute: plain backgrounds are named by colour alone
