@@ -172,10 +172,11 @@ CONCEPT_PROMPT = f"a photo of {CONCEPT_TOKEN}"
 CONCEPT_DATA = ROOT / "examples" / "concept"
 
 # The README quickstart's training flags (a test keeps the two the same): the 8 example images,
-# the built-in `subject` templates, two vectors starting from "triangle".
+# the built-in `subject` templates, four vectors starting from "triangle" (two cannot hold every
+# attribute of a scene: docs/toy_world.md, "Concept suite").
 CONCEPT_TRAINING_FLAGS = (
     "--train_data_dir", "examples/concept", "--placeholder_token", CONCEPT_TOKEN,
-    "--initializer_token", CONCEPT_INIT, "--num_vectors", "2", "--resolution", "64", "--template_file", "subject",
+    "--initializer_token", CONCEPT_INIT, "--num_vectors", "4", "--resolution", "64", "--template_file", "subject",
     "--max_train_steps", "1000", "--learning_rate", "0.005", "--train_batch_size", "4",
 )
 
