@@ -3,7 +3,10 @@
 
     python train_textual_inversion.py ... --output_dir output/toy-concept     # the README quickstart
     python benchmarks/quality.py --save_grids output/quality/grids            # before/after images
+    python benchmarks/concepts.py --save_grids output/concepts/grids          # the concept suite
+    python benchmarks/concepts.py --masks --concepts toy-s05 --save_grids output/concepts/masks-grids
     python recipes/readme_pictures.py                                         # -> docs/images/*.png
+    python recipes/readme_pictures.py --pictures concept_edit_masks.png       # only some of them
 
 Nothing here generates an image: it lays out the example datasets, the quickstart's preview
 images (in step order) and the first row of each quality-benchmark grid side by side, enlarged
@@ -29,7 +32,8 @@ LABEL_WIDTH = 150
 
 def example_grid(folder: Path, count: int = 8) -> Image.Image:
     """The first `count` training images of an example dataset, in one row."""
-    return image_grid([Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))[:count]], columns=count)
+    images = [p for p in sorted(folder.glob("*.png")) if not p.stem.endswith("-masklabel")]
+    return image_grid([Image.open(p).convert("RGB") for p in images[:count]], columns=count)
 
 
 def preview_strip(output_dir: Path, name: str) -> Image.Image:
@@ -60,6 +64,16 @@ def first_row(grid_file: Path, columns: int = 8) -> Image.Image:
     return grid.crop((0, 0, grid.width, grid.width // columns))
 
 
+def concept_edit_rows(concept: str, unmasked_grids: Path, masked_grids: Path, work_dir: Path) -> Image.Image:
+    """A scene concept of the suite: its training images, then the first edit (8 seeds, one prompt)
+    with the embedding trained without and with object masks."""
+    return labelled_rows([
+        (f"{concept}\ntraining images", example_grid(work_dir / concept / "data")),
+        ("edit, trained\nwithout masks", first_row(unmasked_grids / concept / "trained-edit.png")),
+        ("edit, trained\nwith masks", first_row(masked_grids / concept / "trained-edit.png")),
+    ])
+
+
 def labelled_rows(rows: list[tuple[str, Image.Image]]) -> Image.Image:
     """Rows of pictures stacked, each with its label on the left."""
     width = LABEL_WIDTH + max(row.width for _, row in rows)
@@ -78,25 +92,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quickstart_dir", type=Path, default=ROOT / "output" / "toy-concept")
     parser.add_argument("--quickstart_name", default="toy-concept")
     parser.add_argument("--grids", type=Path, default=ROOT / "output" / "quality" / "grids")
+    parser.add_argument("--concept_grids", type=Path, default=ROOT / "output" / "concepts" / "grids")
+    parser.add_argument("--mask_grids", type=Path, default=ROOT / "output" / "concepts" / "masks-grids")
+    parser.add_argument("--mask_work_dir", type=Path, default=ROOT / "output" / "concepts" / "masks",
+                        help="the masked suite run's --work_dir (its training images)")
+    parser.add_argument("--mask_concept", default="toy-s05", help="the scene concept shown with and without masks")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images")
+    parser.add_argument("--pictures", nargs="+", default=None, help="write only these (file names)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     pictures = {
-        "examples_concept.png": example_grid(ROOT / "examples" / "concept"),
-        "examples_style_colour_shift.png": example_grid(ROOT / "examples" / "style_colour_shift"),
-        "quickstart_previews.png": preview_strip(args.quickstart_dir, args.quickstart_name),
-        "concept_before_after.png": labelled_rows([
+        "examples_concept.png": lambda: example_grid(ROOT / "examples" / "concept"),
+        "examples_style_colour_shift.png": lambda: example_grid(ROOT / "examples" / "style_colour_shift"),
+        "quickstart_previews.png": lambda: preview_strip(args.quickstart_dir, args.quickstart_name),
+        "concept_before_after.png": lambda: labelled_rows([
             ("untrained\n(init text 'triangle')", first_row(args.grids / "concept_untrained.png")),
             ("trained\n(quickstart command)", first_row(args.grids / "concept_trained.png")),
         ]),
-        "style_before_after.png": labelled_rows([
+        "style_before_after.png": lambda: labelled_rows([
             # the default font has no colon, so the labels spell the multiplier out
             ("colour-shift\nmultiplier 0", first_row(args.grids / "style_0.png")),
             ("colour-shift\nmultiplier 1", first_row(args.grids / "style_1.png")),
         ]),
-        "prompt_following.png": first_row(args.grids / "prompts.png"),
+        "prompt_following.png": lambda: first_row(args.grids / "prompts.png"),
+        "concept_edit_masks.png": lambda: concept_edit_rows(args.mask_concept, args.concept_grids, args.mask_grids,
+                                                            args.mask_work_dir),
     }
-    for name, picture in pictures.items():
+    for name, make in pictures.items():
+        if args.pictures and name not in args.pictures:
+            continue
+        picture = make()
         picture.save(args.out / name, optimize=True)
         print(f"wrote {args.out / name} ({picture.width}x{picture.height})")
     return 0

@@ -61,7 +61,7 @@ def test_warnings_fire_on_constructed_cases_only():
     assert warnings_for("half", [_record(0.999, 1.0), _record(0.5, 1.0, 1)]) == []  # one vector moved
     loud = [_record(0.3, OVERRIDE_NORM_RATIO + 2, 0), _record(0.3, 1.0, 1)]
     [line] = warnings_for("loud", loud)
-    assert "loud may override prompts" in line and "1 of 2" in line and "5.0x" in line
+    assert "loud may override prompts" in line and "1 of 2" in line and f"{OVERRIDE_NORM_RATIO + 2:.1f}x" in line
     assert "lower learning rate" in line and "fewer vectors" in line
 
 
@@ -69,7 +69,7 @@ def test_warnings_from_real_numbers():
     weights = _vocabulary()
     untouched = diagnose(weights[:2].clone(), weights, LetterTokenizer(), weights[:2])
     assert "barely moved" in " ".join(warnings_for("x", untouched))
-    huge = diagnose(weights[4:] * 3, weights, LetterTokenizer())
+    huge = diagnose(weights[4:] * (OVERRIDE_NORM_RATIO + 1), weights, LetterTokenizer())
     assert "override prompts" in " ".join(warnings_for("x", huge))
 
 
