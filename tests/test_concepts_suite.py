@@ -109,7 +109,8 @@ def test_quick_suite_trains_judges_and_spot_checks_through_diffusers(tmp_path, c
         assert set(report["time_to_concept"]["curve"]) == {"10"}  # one intermediate save at step 10 of 20
         assert report["training_cpu_seconds"] > 0
         assert report["diffusers"]["n"] == 2 and report["diffusers"]["max_pixel_difference"] <= 2
-        assert len(report["diagnostics"]) == 2 and all(d["cosine_to_init"] < 1.0 for d in report["diagnostics"])
+        vectors = int(dict(zip(concepts.RECIPE_FLAGS[::2], concepts.RECIPE_FLAGS[1::2]))["--num_vectors"])
+        assert len(report["diagnostics"]) == vectors and all(d["cosine_to_init"] < 1.0 for d in report["diagnostics"])
         data = tmp_path / "work" / name / "data"
         concept = next(c for c in concepts.CONCEPTS if c.name == name)
         assert read_example_scenes(data) == concept.scenes() and len(list(data.glob("*-masklabel.png"))) == 8

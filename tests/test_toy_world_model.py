@@ -200,14 +200,16 @@ def test_readme_commands_train_what_the_quality_benchmark_measures(script, flags
 
 
 def test_untrained_concept_embedding_draws_its_init_text(pipe, judge, tmp_path):
-    """The untrained side of acceptance 2 is the init text: 2 vectors from "triangle" draw
-    exactly "a photo of triangle triangle"; the trained side loads the file train_concept wrote."""
+    """The untrained side of acceptance 2 is the init text: N vectors from "triangle" draw
+    exactly "a photo of triangle ... triangle" (N times); the trained side loads the file train_concept wrote."""
     import quality
 
     embedding, _ = quality.train_concept(DEFAULT_MODEL_DIR, tmp_path, _short(quality.CONCEPT_TRAINING_FLAGS, "2"))
     result = quality.measure_concept(pipe, judge, embedding, count=2, steps=4)
     assert result["trained"]["n"] == result["untrained"]["n"] == 2
-    plain = quality.tinv_generator(pipe, steps=4)(["a photo of triangle triangle"] * 2, [c.seed for c in result["cases"]])
+    vectors = int(dict(zip(quality.CONCEPT_TRAINING_FLAGS[::2], quality.CONCEPT_TRAINING_FLAGS[1::2]))["--num_vectors"])
+    init_words = " ".join([quality.CONCEPT_INIT] * vectors)
+    plain = quality.tinv_generator(pipe, steps=4)([f"a photo of {init_words}"] * 2, [c.seed for c in result["cases"]])
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(plain, result["untrained"]["images"]))
     assert not np.array_equal(np.asarray(plain[0]), np.asarray(result["trained"]["images"][0]))
 
