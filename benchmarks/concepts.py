@@ -104,8 +104,7 @@ class Concept:
 
     def scenes(self, count: int = TRAIN_IMAGES) -> list[world.Scene]:
         """The training scenes: fixed attributes, everything else jittered (objects: backgrounds too)."""
-        fixed = {k: v for k, v in self.target.items()}
-        return make_scenes(f"concepts/{self.name}", count, outline=False, **fixed)
+        return make_scenes(f"concepts/{self.name}", count, outline=False, **self.target)
 
     def words(self) -> str:
         """The concept in the model's own words (what "from words" draws)."""
@@ -186,7 +185,7 @@ class Training:
 def write_data(concept: Concept, folder: Path, masks: bool) -> Path:
     """The concept's 8 training images (no captions), with `-masklabel.png` files if `masks`."""
     scenes = concept.scenes()
-    return write_example_folder(folder, scenes, masks=masks) if masks else write_example_folder(folder, scenes)
+    return write_example_folder(folder, scenes, masks=masks)
 
 
 def train(concept: Concept, model: Path, data: Path, output_dir: Path, extra_flags: Sequence[str],
