@@ -6,12 +6,12 @@
     python generate.py --from_infotext outputs/txt2img-images/2024-01-01/00000-1.png
 
 Every flag: `python generate.py --help` and docs/generate.md. The work happens in
-`tinv_lib.generate_cli`.
+`tinv_lib.generation.cli`.
 """
 
 import sys
 
-from tinv_lib.generate_cli import main
+from tinv_lib.generation.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tinv_lib.captioning import EXISTING_CAPTION_ACTIONS, CaptionSettings
-from tinv_lib.cli_help import HelpFormatter
-from tinv_lib.errors import TinvError
-from tinv_lib.focal_crop import FocalWeights
-from tinv_lib.image_ops import AutosizeSettings
-from tinv_lib.preprocess import CAPTION_OUTPUTS, PreprocessOptions, preprocess_folder
+from tinv_lib.common.cli_help import HelpFormatter
+from tinv_lib.common.errors import TinvError
+from tinv_lib.preprocessing.captioning import EXISTING_CAPTION_ACTIONS, CaptionSettings
+from tinv_lib.preprocessing.focal_crop import FocalWeights
+from tinv_lib.preprocessing.folder import CAPTION_OUTPUTS, PreprocessOptions, preprocess_folder
+from tinv_lib.preprocessing.image_ops import AutosizeSettings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -2,12 +2,12 @@
 """Train a textual-inversion embedding: `accelerate launch train_textual_inversion.py --help`.
 
 Every A1111 Train-tab feature on Accelerate (multi-GPU, exact resume, SDXL). The work happens in
-`tinv_lib.textual_inversion`; this script only hands it the command line.
+`tinv_lib.training.textual_inversion`; this script only hands it the command line.
 """
 
 import sys
 
-from tinv_lib.textual_inversion import main
+from tinv_lib.training.textual_inversion import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -166,7 +166,7 @@ def build_pipeline(preset: Preset, seed: int, workdir: Path):
         UNet2DConditionModel,
     )
 
-    from tinv_lib.tokenizer_build import END_TOKEN, build_clip_tokenizer
+    from tinv_lib.models.tokenizer_build import END_TOKEN, build_clip_tokenizer
 
     torch.manual_seed(seed)
     betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
@@ -467,8 +467,8 @@ class Floor:
     def __init__(self, job: Job, hypernetwork: bool) -> None:
         import random
 
-        from tinv_lib.model_family import family_of
-        from tinv_lib.models import load_base_model
+        from tinv_lib.models.family import family_of
+        from tinv_lib.models.loading import load_base_model
         from tinv_lib.training.data import build_prompt, encode_latents, load_images, load_template
 
         self.job, self.hypernetwork = job, hypernetwork
@@ -515,7 +515,7 @@ class Floor:
         """Tokenize every prompt once (A1111 chunking, so ids and slots are the trainer's) and
         hook each token embedding to write the trainable vectors at the recorded slots."""
         from tinv_lib.embeddings.formats import Embedding
-        from tinv_lib.prompt_encoding import PromptEncoder
+        from tinv_lib.prompts.encoding import PromptEncoder
 
         encoder = PromptEncoder.from_pipeline(self.family.pipe)
         widths = self.family.widths
@@ -542,7 +542,7 @@ class Floor:
         """Encode every prompt once (the text encoder is frozen) and put the hypernetwork's
         modules in front of `to_k` / `to_v` as plain submodules."""
         from tinv_lib.hypernetworks import context_widths, create_hypernetwork, make_options
-        from tinv_lib.prompt_encoding import PromptEncoder
+        from tinv_lib.prompts.encoding import PromptEncoder
 
         encoder = PromptEncoder.from_pipeline(self.family.pipe)
         with torch.no_grad():
@@ -725,11 +725,11 @@ class Trainer:
         from tinv_lib.training.loop import train
 
         if self.job.task == "ti":
-            from tinv_lib.textual_inversion import TextualInversionTask as Task
-            from tinv_lib.textual_inversion import parse_args
+            from tinv_lib.training.textual_inversion import TextualInversionTask as Task
+            from tinv_lib.training.textual_inversion import parse_args
         else:
-            from tinv_lib.hypernetwork_training import HypernetworkTask as Task
-            from tinv_lib.hypernetwork_training import parse_args
+            from tinv_lib.training.hypernetwork import HypernetworkTask as Task
+            from tinv_lib.training.hypernetwork import parse_args
         self.runs += 1
         output = Path(self.job.workdir) / f"out-{self.job.task}-{os.getpid()}-{self.runs}"
         args = parse_args(self._argv(output))

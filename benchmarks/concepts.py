@@ -54,8 +54,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import quality  # noqa: E402
 import torch  # noqa: E402
 
-from tinv_lib.toy_world import world  # noqa: E402
-from tinv_lib.toy_world.data import make_scenes, write_example_folder  # noqa: E402
+from toy_world import world  # noqa: E402
+from toy_world.data import make_scenes, write_example_folder  # noqa: E402
 
 PASS = 0.75  # captured / editable / drawable: at least this share of the judged images match
 TRAIN_IMAGES = 8
@@ -191,8 +191,8 @@ def write_data(concept: Concept, folder: Path, masks: bool) -> Path:
 def train(concept: Concept, model: Path, data: Path, output_dir: Path, extra_flags: Sequence[str],
           save_every: int) -> Training:
     """Train with the README recipe (plus `extra_flags`, which win); time every step."""
-    from tinv_lib.textual_inversion import TextualInversionTask, parse_args
     from tinv_lib.training.loop import train as run_training
+    from tinv_lib.training.textual_inversion import TextualInversionTask, parse_args
 
     argv = ["--pretrained_model_name_or_path", str(model), *RECIPE_FLAGS, "--train_data_dir", str(data),
             "--placeholder_token", concept.name, "--initializer_token", concept.init_text,
@@ -259,8 +259,8 @@ def measure_concept(concept: Concept, options: dict) -> dict:
     from tinv_lib.embeddings.create import create_embedding
     from tinv_lib.embeddings.diagnostics import diagnose_embedding, vocabularies_of, warnings_for
     from tinv_lib.embeddings.formats import load_embedding
-    from tinv_lib.toy_world.judge import load_judge
-    from tinv_lib.toy_world.pipeline import load_toy_pipeline
+    from toy_world.judge import load_judge
+    from toy_world.pipeline import load_toy_pipeline
 
     torch.set_num_threads(options["threads"])
     model, count, sampling = options["model"], options["num_seeds"], options["sampling"]

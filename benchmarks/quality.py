@@ -18,7 +18,7 @@ and outline from a 64 px image, so "did it work" becomes a number. Three measure
 A `Case` is (prompt, seed, target); a generator turns prompts and seeds into images
 (`pipeline_generator` for a bare pipeline, `tinv_generator` through tinv's own prompt
 encoding with embeddings and hypernetworks), and `run_cases` judges the images against their
-targets (`tinv_lib.toy_world.scoring.score_images`). Exit status 0 when every pass mark is met.
+targets (`toy_world.scoring.score_images`). Exit status 0 when every pass mark is met.
 
     python benchmarks/quality.py                                  # all three (about 5 minutes)
     python benchmarks/quality.py --only prompts --num_prompts 128 --save_grids grids --json q.json
@@ -45,11 +45,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tinv_lib.toy_world import world  # noqa: E402
-from tinv_lib.toy_world.examples import CONCEPT, style_target  # noqa: E402
-from tinv_lib.toy_world.judge import load_judge  # noqa: E402
-from tinv_lib.toy_world.pipeline import DEFAULT_MODEL_DIR, load_toy_pipeline  # noqa: E402
-from tinv_lib.toy_world.scoring import JUDGE_SUBFOLDER, score_images  # noqa: E402
+from toy_world import world  # noqa: E402
+from toy_world.examples import CONCEPT, style_target  # noqa: E402
+from toy_world.judge import load_judge  # noqa: E402
+from toy_world.pipeline import DEFAULT_MODEL_DIR, load_toy_pipeline  # noqa: E402
+from toy_world.scoring import JUDGE_SUBFOLDER, score_images  # noqa: E402
 
 DEFAULT_STEPS = 25
 # Prompt following over 64 prompts at --seed 1 (not the reported seed 0). Third model: CFG 3
@@ -90,7 +90,7 @@ def prompt_following_cases(count: int, seed: int = 0) -> list[Case]:
 
 def concept_cases(prompt: str, target: Mapping[str, str], count: int = 32, seed: int = 0) -> list[Case]:
     """One prompt (e.g. "a photo of <concept>") over `count` seeds, all judged against `target`
-    (e.g. `tinv_lib.toy_world.examples.CONCEPT`): textual inversion, acceptance 2."""
+    (e.g. `toy_world.examples.CONCEPT`): textual inversion, acceptance 2."""
     return [Case(prompt, seed * 100_000 + 50_000 + index, dict(target)) for index in range(count)]
 
 
@@ -183,7 +183,7 @@ CONCEPT_TRAINING_FLAGS = (
 
 def train_concept(model: Path, output_dir: Path, flags: Sequence[str] = CONCEPT_TRAINING_FLAGS) -> tuple[Path, float]:
     """Run train_textual_inversion on the concept examples (README flags); return the file and seconds."""
-    from tinv_lib.textual_inversion import main as train_textual_inversion
+    from tinv_lib.training.textual_inversion import main as train_textual_inversion
 
     started = time.time()
     argv = ["--pretrained_model_name_or_path", str(model), *_rooted(flags), "--output_dir", str(output_dir),
@@ -228,7 +228,7 @@ STYLE_TRAINING_FLAGS = (
 
 def train_style(model: Path, output_dir: Path, flags: Sequence[str] = STYLE_TRAINING_FLAGS) -> tuple[Path, float]:
     """Run train_hypernetwork on the style examples (README flags); return its folder and seconds."""
-    from tinv_lib.hypernetwork_training import main as train_hypernetwork
+    from tinv_lib.training.hypernetwork import main as train_hypernetwork
 
     started = time.time()
     argv = ["--pretrained_model_name_or_path", str(model), *_rooted(flags), "--output_dir", str(output_dir),
@@ -251,7 +251,7 @@ def measure_style(pipe, judge, hypernetwork_dir: Path, count: int = 64, seed: in
     """Acceptance 3: ordinary prompts with `<hypernet:colour-shift:M>` for M = 1 and 0, judged on
     the shifted colour. Returns {1.0: result, 0.0: result, "on_prompt": {1.0: result, 0.0: result}},
     the last the same images judged on the prompt's shape."""
-    from tinv_lib.extra_networks import HypernetworkHandler
+    from tinv_lib.generation.extra_networks import HypernetworkHandler
 
     handler = HypernetworkHandler(hypernetwork_dir, notify=lambda message: None)
     prompt_targets = [{k: c.target[k] for k in ON_PROMPT_TARGET} for c in prompt_following_cases(count, seed)]
@@ -272,11 +272,11 @@ def tinv_generator(
     pipe, embeddings: Mapping | None = None, extra_networks: Mapping | None = None,
     steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
 ) -> GenerateFn:
-    """A generator through `tinv_lib.generation.generate` (A1111 prompt semantics, embeddings,
+    """A generator through `tinv_lib.generation.txt2img.generate` (A1111 prompt semantics, embeddings,
     `<hypernet:...>`). Runs of one prompt with consecutive seeds go in one batch (twice as fast on
     a CPU); image i still gets its own `torch.Generator(seed_i)`, so it equals a one-by-one call's
     image up to the float rounding of batched matmuls (at most 1 level per pixel, measured)."""
-    from tinv_lib.generation import generate
+    from tinv_lib.generation.txt2img import generate
 
     def generate_all(prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
         images: list[Image.Image] = []

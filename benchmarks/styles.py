@@ -1,7 +1,7 @@
 """Hypernetwork style suite on the toy world: does the README recipe learn styles it was not tuned on?
 
 `quality.py` measures one hypernetwork style, the colour shift the README recipe was tuned on.
-This suite trains one hypernetwork per style of `tinv_lib.toy_world.examples.STYLES`, each with
+This suite trains one hypernetwork per style of `toy_world.examples.STYLES`, each with
 exactly the README recipe (`quality.STYLE_TRAINING_FLAGS`, only the data folder and the name its
 own), on 64 scenes whose one attribute is drawn as another value of its list while the caption
 names the value asked for (a style the base model never shows):
@@ -47,10 +47,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import quality  # noqa: E402
 import torch  # noqa: E402
 
-from tinv_lib.toy_world.examples import ALTERNATIVE_STYLES, STYLES, Style, style_named  # noqa: E402
-from tinv_lib.toy_world.judge import load_judge  # noqa: E402
-from tinv_lib.toy_world.pipeline import DEFAULT_MODEL_DIR, load_toy_pipeline  # noqa: E402
-from tinv_lib.toy_world.scoring import JUDGE_SUBFOLDER, score_images  # noqa: E402
+from toy_world.examples import ALTERNATIVE_STYLES, STYLES, Style, style_named  # noqa: E402
+from toy_world.judge import load_judge  # noqa: E402
+from toy_world.pipeline import DEFAULT_MODEL_DIR, load_toy_pipeline  # noqa: E402
+from toy_world.scoring import JUDGE_SUBFOLDER, score_images  # noqa: E402
 
 STYLE_ON = 0.75  # multiplier 1: at least this share shows the shifted value
 STYLE_OFF = 0.10  # multiplier 0: at most this share does
@@ -87,7 +87,7 @@ def measure(pipe, judge, style: Style, hypernetwork_dir: Path, count: int = 64, 
     judged on the shifted value. Returns {1.0: result, 0.0: result, "on_prompt": {M: result}} (the
     same images judged on the guard attribute) and "asked": {M: result} (judged on the value the
     prompt asks for, to tell a style not applied from a damaged image)."""
-    from tinv_lib.extra_networks import HypernetworkHandler
+    from tinv_lib.generation.extra_networks import HypernetworkHandler
 
     handler = HypernetworkHandler(hypernetwork_dir, notify=lambda message: None)
     prompts = judged_prompts(style, count, seed)

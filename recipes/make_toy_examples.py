@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tinv_lib.toy_world.examples import write_examples  # noqa: E402
+from toy_world.examples import write_examples  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tinv_lib.toy_world.recipe import RecipeConfig, quick_config, run_recipe  # noqa: E402
+from toy_world.recipe import RecipeConfig, quick_config, run_recipe  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -9,8 +9,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from tinv_lib.toy_world import world
-from tinv_lib.toy_world.data import read_example_scenes
+from toy_world import world
+from toy_world.data import read_example_scenes
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

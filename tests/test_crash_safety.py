@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from tinv_lib import hypernetwork_training, textual_inversion
 from tinv_lib.embeddings.formats import load_embedding
 from tinv_lib.hypernetworks import load_hypernetwork
+from tinv_lib.training import hypernetwork as hypernetwork_training
+from tinv_lib.training import textual_inversion
 from tinv_lib.training.checkpoints import list_checkpoints, load_checkpoint
 
 
@@ -27,12 +28,12 @@ def _hn_argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Fail the test if the base model is loaded: these errors must come first."""
-    import tinv_lib.models
+    import tinv_lib.models.loading
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the flags were checked")
 
-    monkeypatch.setattr(tinv_lib.models, "load_base_model", refuse)
+    monkeypatch.setattr(tinv_lib.models.loading, "load_base_model", refuse)
 
 
 BAD_FLAGS = [

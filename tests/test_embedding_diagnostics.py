@@ -7,6 +7,7 @@ import csv
 import pytest
 import torch
 
+from tinv_lib.common.errors import TinvError
 from tinv_lib.embeddings import create_embedding, save_embedding
 from tinv_lib.embeddings.__main__ import main as embeddings_cli
 from tinv_lib.embeddings.diagnostics import (
@@ -18,7 +19,6 @@ from tinv_lib.embeddings.diagnostics import (
     load_vocabularies,
     warnings_for,
 )
-from tinv_lib.errors import TinvError
 
 
 class LetterTokenizer:
@@ -111,7 +111,7 @@ class _Encoder:
 def test_training_reports_diagnostics_at_every_save(tiny_sd1_path, training_images, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from tinv_lib.textual_inversion import main
+    from tinv_lib.training.textual_inversion import main
 
     code = main(["--pretrained_model_name_or_path", str(tiny_sd1_path), "--train_data_dir", str(training_images),
                  "--output_dir", str(tmp_path), "--placeholder_token", "my-thing", "--initializer_token", "cat",

@@ -16,6 +16,7 @@ from helpers_embeddings import FIXTURES, A1111Refused, a1111_safe_check, same_bi
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from tinv_lib.common.errors import FileFormatError, TinvError, UnsafeFileError
 from tinv_lib.embeddings import (
     Embedding,
     NotAnEmbeddingError,
@@ -33,7 +34,6 @@ from tinv_lib.embeddings.image_embed import (
     payload_json,
     text_chunk_value,
 )
-from tinv_lib.errors import FileFormatError, TinvError, UnsafeFileError
 
 HASHES = json.loads((FIXTURES / "hashes.json").read_text())["embedding_files"]
 

@@ -18,11 +18,16 @@ import pytest
 import torch
 from PIL import Image
 
-from tinv_lib import generate_cli
 from tinv_lib.embeddings import Embedding, save_embedding
-from tinv_lib.generate_cli import main
+from tinv_lib.generation import cli as generate_cli
+from tinv_lib.generation.cli import main
+from tinv_lib.generation.infotext import (
+    GenerationParameters,
+    format_infotext,
+    parameters_from_infotext,
+    read_infotext,
+)
 from tinv_lib.hypernetworks import context_widths, create_hypernetwork, make_options, save_hypernetwork
-from tinv_lib.infotext import GenerationParameters, format_infotext, parameters_from_infotext, read_infotext
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["--steps", "2", "--width", "64", "--height", "64"]
@@ -93,7 +98,7 @@ def test_from_infotext_remakes_an_image_bit_for_bit(tiny_sd1_path, dirs, capsys)
     """With an embedding, a hypernetwork and a batch: image 2 of 3 is made again exactly."""
     save_embedding(Embedding("mystyle", torch.randn(2, 32, generator=torch.Generator().manual_seed(1))),
                    dirs["emb"] / "mystyle.safetensors")
-    from tinv_lib.tiny_models import build_tiny_pipeline
+    from tinv_lib.models.tiny import build_tiny_pipeline
 
     widths = context_widths(build_tiny_pipeline("sd1").unet)
     network = create_hypernetwork("ink", widths, make_options("1, 2, 1", "relu", "XavierNormal"), seed=2)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from tinv_lib.embeddings import Embedding, load_embedding, save_embedding
 from tinv_lib.embeddings.create import create_embedding
 from tinv_lib.embeddings.database import EmbeddingDatabase
-from tinv_lib.generation import generate
+from tinv_lib.generation.txt2img import generate
 
 STEPS, SIZE = 2, 64
 
@@ -43,7 +43,7 @@ def ours_image(pipe, prompt: str, seed: int, embeddings=None, **kwargs) -> np.nd
 @pytest.fixture(scope="module")
 def fresh_pipeline():
     """diffusers' loader changes the tokenizer and text encoder, so it gets pipelines of its own."""
-    from tinv_lib.tiny_models import build_tiny_pipeline
+    from tinv_lib.models.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline
 

@@ -23,7 +23,7 @@ from tinv_lib.hypernetworks import (
     make_options,
     save_hypernetwork,
 )
-from tinv_lib.tiny_models import build_tiny_pipeline
+from tinv_lib.models.tiny import build_tiny_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from tinv_lib.errors import FileFormatError, TinvError
+from tinv_lib.common.errors import FileFormatError, TinvError
 from tinv_lib.hypernetworks import (
     create_hypernetwork,
     hypernetwork_to_dict,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from tinv_lib.errors import TinvError
+from tinv_lib.common.errors import TinvError
 from tinv_lib.hypernetworks import (
     ACTIVATIONS,
     HypernetworkModule,

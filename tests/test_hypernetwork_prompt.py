@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tinv_lib.errors import TinvError
+from tinv_lib.common.errors import TinvError
 from tinv_lib.hypernetworks import (
     create_hypernetwork,
     extract_hypernetworks,
@@ -80,7 +80,7 @@ def test_handler_reports_every_unusable_tag_in_one_line_and_applies_the_rest(tmp
     a network for another model family are each one notice; the good tag is still applied."""
     from helpers_embeddings import tiny_pipeline
 
-    from tinv_lib.extra_networks import HypernetworkHandler
+    from tinv_lib.generation.extra_networks import HypernetworkHandler
     from tinv_lib.hypernetworks import context_widths
 
     pipe = tiny_pipeline("sd1")

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tinv_lib.captioning import filename_caption, merge_caption
-from tinv_lib.focal_crop import FocalWeights, corner_points, entropy_point, focal_crop
-from tinv_lib.image_ops import (
+from tinv_lib.preprocessing.captioning import filename_caption, merge_caption
+from tinv_lib.preprocessing.focal_crop import FocalWeights, corner_points, entropy_point, focal_crop
+from tinv_lib.preprocessing.image_ops import (
     AutosizeSettings,
     aspect_error,
     centre_crop_resize,

@@ -8,7 +8,7 @@ import random
 import pytest
 from PIL import Image
 
-from tinv_lib.infotext import (
+from tinv_lib.generation.infotext import (
     GenerationParameters,
     InfotextError,
     format_infotext,

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from tinv_lib.embeddings.formats import load_embedding
-from tinv_lib.textual_inversion import main
 from tinv_lib.training.data import MaskOptions, load_images
+from tinv_lib.training.textual_inversion import main
 
 STEPS_ARGS = ("--checkpointing_steps", "0", "--validation_steps", "0", "--save_steps", "0", "--report_to", "none")
 
@@ -91,7 +91,7 @@ def spatially_local_networks(monkeypatch):
     conditioning only, so what remains to test is exactly the data + loss path: the mask files,
     their fitting, the flips and the weighted loss.
     """
-    import tinv_lib.models as models
+    import tinv_lib.models.loading as models
 
     real_load = models.load_base_model
 
@@ -214,7 +214,7 @@ def test_mask_files_are_not_training_images_and_are_fitted_like_them(tmp_path):
 
 def test_hypernetwork_trains_with_a_mask_dir(tiny_sd1_path, tmp_path, capsys):
     """Both trainers share the data pipeline: a hypernetwork run reads --mask_dir too."""
-    from tinv_lib.hypernetwork_training import main as hypernetwork_main
+    from tinv_lib.training.hypernetwork import main as hypernetwork_main
 
     data = _dataset(tmp_path / "data", "white", count=2, masks=False)
     masks = tmp_path / "masks"
@@ -231,9 +231,9 @@ def test_hypernetwork_trains_with_a_mask_dir(tiny_sd1_path, tmp_path, capsys):
 def test_toy_world_writes_masks_that_match_the_shape(tmp_path):
     """(e) `NNNN-masklabel.png` is 64x64, white exactly where the shape is drawn in full, black
     where only background is, and the trainer reads it as that image's mask."""
-    from tinv_lib.toy_world.data import make_scenes, write_example_folder
-    from tinv_lib.toy_world.draw import SUPERSAMPLE, background_array, inside_point
-    from tinv_lib.toy_world.world import COLOURS
+    from toy_world.data import make_scenes, write_example_folder
+    from toy_world.draw import SUPERSAMPLE, background_array, inside_point
+    from toy_world.world import COLOURS
 
     scenes = make_scenes(5, 3)
     folder = write_example_folder(tmp_path / "toy", scenes, masks=True)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinv_lib.errors import TinvError
-from tinv_lib.hashes import old_model_hash, sha256_file, short_hash
-from tinv_lib.models import (
+from tinv_lib.common.errors import TinvError
+from tinv_lib.models.hashes import old_model_hash, sha256_file, short_hash
+from tinv_lib.models.loading import (
     detect_architecture,
     load_base_model,
     read_checkpoint,

@@ -13,10 +13,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tinv_lib.errors import TinvError
-from tinv_lib.image_ops import AutosizeSettings
-from tinv_lib.preprocess import PreprocessOptions, list_source_files, preprocess_folder, validate_options
-from tinv_lib.preprocess_state import STATE_DIR
+from tinv_lib.common.errors import TinvError
+from tinv_lib.preprocessing.folder import (
+    PreprocessOptions,
+    list_source_files,
+    preprocess_folder,
+    validate_options,
+)
+from tinv_lib.preprocessing.image_ops import AutosizeSettings
+from tinv_lib.preprocessing.state import STATE_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 

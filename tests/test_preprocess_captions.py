@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tinv_lib.captioning import CaptionSettings, get_captioner
-from tinv_lib.errors import TinvError
-from tinv_lib.preprocess import PreprocessOptions, preprocess_folder
+from tinv_lib.common.errors import TinvError
+from tinv_lib.preprocessing.captioning import CaptionSettings, get_captioner
+from tinv_lib.preprocessing.folder import PreprocessOptions, preprocess_folder
 
 REPO = Path(__file__).resolve().parents[1]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -8,11 +8,11 @@ import pytest
 import torch
 from helpers_embeddings import tiny_pipeline
 
+from tinv_lib.common.errors import TinvError
 from tinv_lib.embeddings import Embedding
 from tinv_lib.embeddings.create import create_embedding, create_embedding_vectors
-from tinv_lib.errors import TinvError
-from tinv_lib.prompt_encoding import PromptEncoder
-from tinv_lib.tiny_models import build_tiny_pipeline
+from tinv_lib.models.tiny import build_tiny_pipeline
+from tinv_lib.prompts.encoding import PromptEncoder
 
 ARCHS = ["sd1", "sd2-v", "sdxl"]
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tinv_lib.common.errors import TinvError
 from tinv_lib.embeddings import Embedding
-from tinv_lib.errors import TinvError
-from tinv_lib.prompts import ChunkRules, EmbeddingLookup, chunk_prompt, parse_prompt_attention
+from tinv_lib.prompts.syntax import ChunkRules, EmbeddingLookup, chunk_prompt, parse_prompt_attention
 
 
 def approx(runs):
@@ -54,7 +54,7 @@ def test_bad_weight_is_a_one_line_error():
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from tinv_lib.tokenizer_build import build_clip_tokenizer
+    from tinv_lib.models.tokenizer_build import build_clip_tokenizer
 
     return build_clip_tokenizer(tmp_path_factory.mktemp("tok"))
 

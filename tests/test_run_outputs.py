@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tinv_lib.embeddings.formats import load_embedding
-from tinv_lib.textual_inversion import main
+from tinv_lib.training.textual_inversion import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +46,7 @@ def test_every_file_a_run_writes_gets_the_mode_open_would_give(umask, tiny_sd1_p
 
 # ---------------------------------------------------------------- 3. messages
 
-_RUN_AND_REPORT = ("import sys; from tinv_lib.textual_inversion import main; code = main(sys.argv[1:]); "
+_RUN_AND_REPORT = ("import sys; from tinv_lib.training.textual_inversion import main; code = main(sys.argv[1:]); "
                    "print('bitsandbytes imported:', 'bitsandbytes' in sys.modules); sys.exit(code)")
 
 
@@ -79,7 +79,7 @@ class _Collect(logging.Handler):
 
 
 def test_only_the_known_irrelevant_library_messages_are_dropped():
-    from tinv_lib.quiet import silence_known_noise
+    from tinv_lib.common.quiet import silence_known_noise
 
     silence_known_noise()
     bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
@@ -136,8 +136,8 @@ def _help_lines(parser) -> dict[str, str]:
 
 def _parsers():
     import preprocess
-    from tinv_lib.hypernetwork_training import build_parser as hypernetwork_parser
-    from tinv_lib.textual_inversion import build_parser as embedding_parser
+    from tinv_lib.training.hypernetwork import build_parser as hypernetwork_parser
+    from tinv_lib.training.textual_inversion import build_parser as embedding_parser
 
     preprocess_parser = []
     original = preprocess.argparse.ArgumentParser.parse_args

@@ -9,8 +9,7 @@ import pytest
 import torch
 from helpers_embeddings import tiny_pipeline
 
-from tinv_lib.generation import generate
-from tinv_lib.samplers import (
+from tinv_lib.generation.samplers import (
     SamplerError,
     exact_lms_class,
     lms_coefficient,
@@ -19,6 +18,7 @@ from tinv_lib.samplers import (
     scheduler_options,
     split_sampler_name,
 )
+from tinv_lib.generation.txt2img import generate
 
 ISSUE_SAMPLERS = ["Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ SDE",
                   "DPM++ 2S a", "DDIM", "UniPC"]

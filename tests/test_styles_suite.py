@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tinv_lib.toy_world import world
-from tinv_lib.toy_world.data import read_example_scenes
-from tinv_lib.toy_world.examples import (
+from toy_world import world
+from toy_world.data import read_example_scenes
+from toy_world.examples import (
     ALTERNATIVE_STYLES,
     COLOUR_SHIFT,
     COLOUR_SHIFT_STYLE,
@@ -110,7 +110,7 @@ def test_quick_suite_runs_end_to_end_and_multiplier_0_is_the_plain_prompt(tmp_pa
     import quality
     import styles
 
-    from tinv_lib.toy_world.pipeline import DEFAULT_MODEL_DIR, load_toy_pipeline
+    from toy_world.pipeline import DEFAULT_MODEL_DIR, load_toy_pipeline
 
     lines: list[str] = []
     args = styles.parse_args(["--quick", "--threads", "1", "--work_dir", str(tmp_path / "work"),

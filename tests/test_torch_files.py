@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinv_lib.errors import UnsafeFileError
-from tinv_lib.torch_files import safe_torch_load, save_a1111_pt
+from tinv_lib.common.errors import UnsafeFileError
+from tinv_lib.common.torch_files import safe_torch_load, save_a1111_pt
 
 FIXTURES = Path(__file__).parent / "fixtures" / "a1111"
 

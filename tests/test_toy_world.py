@@ -8,9 +8,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from tinv_lib.toy_world import draw, world
-from tinv_lib.toy_world.data import make_scenes, read_example_scenes, training_caption
-from tinv_lib.toy_world.examples import (
+from toy_world import draw, world
+from toy_world.data import make_scenes, read_example_scenes, training_caption
+from toy_world.examples import (
     COLOUR_SHIFT,
     CONCEPT,
     CONCEPT_IMAGES,
@@ -86,7 +86,7 @@ def test_scenes_and_images_are_deterministic():
 
 
 def test_captions_use_single_tokens_and_name_the_ground_truth(tmp_path):
-    from tinv_lib.tokenizer_build import build_clip_tokenizer
+    from tinv_lib.models.tokenizer_build import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer(tmp_path / "tok")
     scene = world.Scene("star", "red", "striped", "teal", outline=True)
@@ -125,7 +125,7 @@ def test_examples_show_the_concept_and_the_style(tmp_path):
 def test_training_timesteps_favour_mid_noise_only_when_asked():
     import torch
 
-    from tinv_lib.toy_world.diffusion import sample_timesteps
+    from toy_world.diffusion import sample_timesteps
 
     count = 20000
     uniform = sample_timesteps(count, 1000, 0.0, torch.Generator().manual_seed(0))

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from tinv_lib.toy_world import judge as judge_lib
-from tinv_lib.toy_world.data import draw_images, make_scenes
-from tinv_lib.toy_world.examples import COLOUR_SHIFT, CONCEPT, concept_scenes
-from tinv_lib.toy_world.pipeline import DEFAULT_MODEL_DIR
-from tinv_lib.toy_world.scoring import load_default_judge, score_images
+from toy_world import judge as judge_lib
+from toy_world.data import draw_images, make_scenes
+from toy_world.examples import COLOUR_SHIFT, CONCEPT, concept_scenes
+from toy_world.pipeline import DEFAULT_MODEL_DIR
+from toy_world.scoring import load_default_judge, score_images
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -30,7 +30,7 @@ def judge():
 
 @pytest.fixture(scope="module")
 def pipe():
-    from tinv_lib.models import load_base_model
+    from tinv_lib.models.loading import load_base_model
 
     pipe, info = load_base_model(DEFAULT_MODEL_DIR)
     assert info.arch == "sd1" and info.prediction_type == "v_prediction"
@@ -92,8 +92,8 @@ def test_recipe_quick_mode_writes_a_loadable_model_that_repeats_bit_for_bit(tmp_
     the VAE is trained twice too) write the same weights, and a different seed does not."""
     from safetensors.torch import load_file
 
-    from tinv_lib.models import load_base_model
-    from tinv_lib.toy_world.recipe import REPORT_NAME, quick_config, run_recipe
+    from tinv_lib.models.loading import load_base_model
+    from toy_world.recipe import REPORT_NAME, quick_config, run_recipe
 
     def run(name: str, seed: int) -> tuple[dict, dict[str, torch.Tensor]]:
         out = tmp_path / name
@@ -122,8 +122,8 @@ def test_diffusion_training_split_over_two_processes_is_the_one_process_training
     """Two gloo processes sharing each batch train the same weights as one process (to float
     rounding). Without the gradient average, or with the helper stepping the first process's
     shared weights too, the weights move by about the learning rate everywhere (measured ~7e-4)."""
-    from tinv_lib.tokenizer_build import build_clip_tokenizer
-    from tinv_lib.toy_world import diffusion
+    from tinv_lib.models.tokenizer_build import build_clip_tokenizer
+    from toy_world import diffusion
 
     tokenizer = build_clip_tokenizer(tmp_path / "tokenizer")
     scenes = make_scenes(0, 16, 0.2)
@@ -151,7 +151,7 @@ def test_diffusion_training_split_over_two_processes_is_the_one_process_training
 def test_recipe_defaults_are_the_committed_model_and_flags_reach_the_config():
     import pretrain_toy_model
 
-    from tinv_lib.toy_world.recipe import REPORT_NAME, RecipeConfig
+    from toy_world.recipe import REPORT_NAME, RecipeConfig
 
     assert pretrain_toy_model.config_from_args(pretrain_toy_model.parse_args([])) == RecipeConfig()
     # The committed model's report names every setting it was trained with; settings added

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinv_lib.hypernetwork_training import HypernetworkTask, main, parse_args
 from tinv_lib.hypernetworks import load_hypernetwork
-from tinv_lib.models import load_base_model
+from tinv_lib.models.loading import load_base_model
 from tinv_lib.training.checkpoints import list_checkpoints
+from tinv_lib.training.hypernetwork import HypernetworkTask, main, parse_args
 from tinv_lib.training.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,11 +172,11 @@ def test_two_processes_equal_one_process(script, tiny_sd1_path, training_images,
 def test_prompt_encoding_cache_is_bounded(tiny_sd1_path, training_images, tmp_path, monkeypatch):
     """With tag shuffling nearly every prompt is new: the cache keeps the most recent encodings
     within its byte budget instead of growing with the run, and its encodings stay exact."""
-    import tinv_lib.hypernetwork_training as hn_training
+    import tinv_lib.training.hypernetwork as hn_training
 
     args = parse_args(_argv(tiny_sd1_path, training_images, tmp_path, "--max_train_steps", "1"))
     task = HypernetworkTask(args)
-    from tinv_lib.model_family import family_of
+    from tinv_lib.models.family import family_of
 
     pipe, info = load_base_model(tiny_sd1_path)
     task.setup(family_of(pipe), info, args, torch.device("cpu"))

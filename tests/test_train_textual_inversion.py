@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from tinv_lib.embeddings.formats import load_embedding
-from tinv_lib.models import load_base_model
-from tinv_lib.textual_inversion import TextualInversionTask, main, parse_args
+from tinv_lib.models.loading import load_base_model
 from tinv_lib.training.checkpoints import list_checkpoints
 from tinv_lib.training.loop import train
+from tinv_lib.training.textual_inversion import TextualInversionTask, main, parse_args
 
 ROOT = Path(__file__).resolve().parent.parent
 

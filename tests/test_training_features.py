@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from tinv_lib.embeddings.formats import load_embedding
-from tinv_lib.textual_inversion import main
 from tinv_lib.training.data import alpha_weight, bucket_size, build_prompt, caption_for, load_images
+from tinv_lib.training.textual_inversion import main
 
 
 def _argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:

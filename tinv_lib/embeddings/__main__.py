@@ -18,8 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from tinv_lib.common.errors import TinvError
 from tinv_lib.embeddings.formats import Embedding, load_embedding, save_embedding
-from tinv_lib.errors import TinvError
 
 EXIT_BAD_INPUT = 2
 

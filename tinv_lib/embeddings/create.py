@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from tinv_lib.common.errors import TinvError
 from tinv_lib.embeddings.formats import SDXL_KEYS, Embedding
-from tinv_lib.errors import TinvError
 
 MAX_VECTORS = 75  # one 75-token prompt chunk
 

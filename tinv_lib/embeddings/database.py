@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinv_lib.common.errors import TinvError
 from tinv_lib.embeddings.formats import EMBEDDING_SUFFIXES, Embedding, NotAnEmbeddingError, load_embedding
-from tinv_lib.errors import TinvError
 
 Dim = int | dict[str, int]
 

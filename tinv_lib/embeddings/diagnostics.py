@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
+from tinv_lib.common.errors import TinvError
 from tinv_lib.embeddings.formats import SDXL_KEYS, Vectors
-from tinv_lib.errors import TinvError
 
 SINGLE_KEY = "emb_params"  # the key of an SD1/SD2 embedding's one tensor
 
@@ -106,8 +106,8 @@ def load_vocabularies(model: str | os.PathLike, model_config: str | os.PathLike 
     ids go through the full loader (`--model_config` rules apply)."""
     folder = Path(model)
     if not folder.is_dir():
-        from tinv_lib.model_family import family_of
-        from tinv_lib.models import load_base_model
+        from tinv_lib.models.family import family_of
+        from tinv_lib.models.loading import load_base_model
 
         family = family_of(load_base_model(folder, model_config)[0])
         return vocabularies_of(family.tokenizers, family.text_encoders)

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from tinv_lib.errors import FileFormatError, TinvError
-from tinv_lib.hashes import sha256_file
-from tinv_lib.torch_files import safe_torch_load, save_a1111_pt
+from tinv_lib.common.errors import FileFormatError, TinvError
+from tinv_lib.common.torch_files import safe_torch_load, save_a1111_pt
+from tinv_lib.models.hashes import sha256_file
 
 SDXL_KEYS = ("clip_l", "clip_g")
 IMAGE_SUFFIXES = (".png", ".webp", ".jxl", ".avif")
@@ -341,7 +341,7 @@ def save_safetensors(embedding: Embedding, path: str | os.PathLike, layout: str 
     `{name: [n, d]}` (layout `diffusers`), or `{clip_l, clip_g}` for SDXL; with metadata."""
     from safetensors.torch import save
 
-    from tinv_lib.atomic import atomic_write_bytes
+    from tinv_lib.common.atomic import atomic_write_bytes
 
     path = Path(path)
     vectors = _cpu_float32(embedding.vectors)

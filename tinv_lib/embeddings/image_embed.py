@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
+from tinv_lib.common.errors import TinvError
 from tinv_lib.embeddings.formats import (
     METADATA_KEYS,
     Embedding,
@@ -35,7 +36,6 @@ from tinv_lib.embeddings.formats import (
     embedding_from_data,
     metadata_from_dict,
 )
-from tinv_lib.errors import TinvError
 
 TEXT_CHUNK_KEY = "sd-ti-embedding"
 # Our own chunk for SDXL metadata: A1111 turns every value of a {clip_l, clip_g} dict into a
@@ -287,7 +287,7 @@ def save_png_embedding(
     decoded again from its pixels before it replaces anything, so a PNG whose data blocks would
     not survive decoding is never left behind.
     """
-    from tinv_lib.atomic import atomic_path
+    from tinv_lib.common.atomic import atomic_path
 
     path = Path(path)
     picture = image.convert("RGB") if image is not None else default_picture(embedding)

@@ -22,15 +22,15 @@ from typing import Any
 
 import torch
 
-from tinv_lib.errors import FileFormatError, TinvError
-from tinv_lib.hashes import old_model_hash, short_hash
+from tinv_lib.common.errors import FileFormatError, TinvError
+from tinv_lib.common.torch_files import safe_torch_load, save_a1111_pt
 from tinv_lib.hypernetworks.module import (
     Hypernetwork,
     HypernetworkModule,
     HypernetworkOptions,
     default_dropout_structure,
 )
-from tinv_lib.torch_files import safe_torch_load, save_a1111_pt
+from tinv_lib.models.hashes import old_model_hash, short_hash
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from tinv_lib.errors import TinvError
+from tinv_lib.common.errors import TinvError
 from tinv_lib.hypernetworks.files import load_hypernetwork
 from tinv_lib.hypernetworks.module import Hypernetwork
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tinv_lib.cli_help import HelpFormatter, mark_required
+from tinv_lib.common.cli_help import HelpFormatter, mark_required
 from tinv_lib.training.data import BUILTIN_TEMPLATES
 from tinv_lib.training.preflight import ArgumentError, check_training_arguments
 

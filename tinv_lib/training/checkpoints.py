@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from tinv_lib.atomic import atomic_path
-from tinv_lib.errors import TinvError
-from tinv_lib.torch_files import safe_torch_load, save_a1111_pt
+from tinv_lib.common.atomic import atomic_path
+from tinv_lib.common.errors import TinvError
+from tinv_lib.common.torch_files import safe_torch_load, save_a1111_pt
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 

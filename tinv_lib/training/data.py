@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from tinv_lib.errors import TinvError
+from tinv_lib.common.errors import TinvError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
@@ -301,7 +301,7 @@ def encode_latents(
     and std on the CPU. On-disk cache entries are keyed by file, size, flip and model."""
     from safetensors.torch import load_file, save_file
 
-    from tinv_lib.atomic import atomic_path
+    from tinv_lib.common.atomic import atomic_path
 
     for image in images:
         for flip in flips:

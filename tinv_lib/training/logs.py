@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from tinv_lib.atomic import atomic_write_text
+from tinv_lib.common.atomic import atomic_write_text
 
 CSV_COLUMNS = ["step", "epoch", "epoch_step", "loss", "learn_rate"]
 

@@ -29,8 +29,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from tinv_lib.atomic import atomic_path, atomic_write_text
-from tinv_lib.errors import TinvError
+from tinv_lib.common.atomic import atomic_path, atomic_write_text
+from tinv_lib.common.errors import TinvError
 from tinv_lib.training import checkpoints as ckpt
 from tinv_lib.training.crash import EXIT_CRASH, preview_notice, save_after_crash
 from tinv_lib.training.data import (
@@ -133,9 +133,9 @@ def train(args, task: TrainingTask, on_step: Callable[[int], None] | None = None
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
 
-    from tinv_lib.model_family import family_of
-    from tinv_lib.models import load_base_model
-    from tinv_lib.quiet import silence_known_noise
+    from tinv_lib.common.quiet import silence_known_noise
+    from tinv_lib.models.family import family_of
+    from tinv_lib.models.loading import load_base_model
 
     silence_known_noise()  # also when train() is called without run_script (benchmarks, notebooks)
     # Accelerate keeps its precision settings in process-wide singletons: clear them so a second
@@ -425,7 +425,7 @@ def save_previews(pictures: list, output_dir: Path, name: str, step: int) -> Non
 def run_script(parse_args: Callable, task_class: Callable, argv: list[str] | None = None) -> int:
     """What both training scripts do: parse (every flag checked before the model loads), train,
     turn errors into one line on stderr and an exit code."""
-    from tinv_lib.quiet import silence_known_noise
+    from tinv_lib.common.quiet import silence_known_noise
 
     silence_known_noise()
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tinv_lib.errors import TinvError
+from tinv_lib.common.errors import TinvError
 
 INVALID_SCHEDULE = (
     'Invalid learning rate schedule. It should be a number or, for example, like '

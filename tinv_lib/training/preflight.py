@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from tinv_lib.errors import TinvError
+from tinv_lib.common.errors import TinvError
 
 PIPELINE_MULTIPLE = 8  # diffusers' SD and SDXL pipelines refuse image sides that are not multiples of 8
 POSITIVE = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "resolution",

@@ -1,0 +1,322 @@
+"""Loading base models: diffusers folders, single-file checkpoints, hub ids; architecture and hashes.
+
+Users of A1111 hold single `.safetensors`/`.ckpt` files in the original key layout; diffusers
+users hold folders. Both load here into a diffusers pipeline plus a `ModelInfo` that says which
+architecture it is (detected from the weights, never from a `--v2` flag) and carries the A1111
+hashes recorded in every file we write.
+
+A single file is read fully offline: its component configs and tokenizers come from a local
+config folder (`--model_config`: any diffusers folder of the same architecture, weights
+optional), never from the hub, which is what `from_single_file` would otherwise try.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from tinv_lib.common.errors import TinvError
+from tinv_lib.models import checkpoint_layout as layout
+from tinv_lib.models.hashes import model_name, old_model_hash, sha256_file
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+
+
+class ModelLoadError(TinvError):
+    """The base model cannot be found, read or matched to its configuration."""
+
+
+@dataclass
+class ModelInfo:
+    """What kind of model was loaded, and its identity as A1111 records it."""
+
+    arch: str  # "sd1" | "sd2" | "sdxl"
+    prediction_type: str  # "epsilon" | "v_prediction"
+    path: Path
+    name: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.name = model_name(self.path) if self.path.exists() else str(self.path).replace("/", "_")
+
+    @cached_property
+    def sha256(self) -> str:
+        """Full sha256 (for a folder: of its weight-file manifest, see `tinv_lib.models.hashes`)."""
+        return sha256_file(self.path) if self.path.exists() else ""
+
+    @property
+    def short_hash(self) -> str:
+        """A1111 `Model hash` / `sd_checkpoint`: sha256[:10]."""
+        return self.sha256[:10]
+
+    @cached_property
+    def old_hash(self) -> str:
+        """A1111's pre-2023 8-hex model hash."""
+        return old_model_hash(self.path) if self.path.exists() else "NOFILE"
+
+
+# ------------------------------------------------------------------------------- detection
+
+
+def detect_architecture(keys) -> str:
+    """SD1 / SD2 / SDXL from original-layout key names (A1111's and diffusers' markers)."""
+    keys = list(keys)
+    if any(k.startswith("conditioner.embedders.1.model.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        raise ModelLoadError("this looks like an SDXL refiner, which has no prompt encoder to train for")
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"
+    raise ModelLoadError("not a Stable Diffusion checkpoint (no known text-encoder keys)")
+
+
+def _probe_v_prediction(unet) -> bool:
+    """A1111's test for SD2 checkpoints without a marker: at t=999 on a constant input, a
+    v-prediction UNet's output minus the input has a mean below -1; an eps UNet's does not.
+    Meaningful for trained SD2 weights only."""
+    width = unet.config.cross_attention_dim
+    with torch.no_grad():
+        x = torch.full((1, 4, 8, 8), 0.5, dtype=unet.dtype)
+        context = torch.full((1, 2, width), 0.5, dtype=unet.dtype)
+        out = unet(x, torch.tensor([999]), encoder_hidden_states=context).sample
+    return (out - x).float().mean().item() < -1
+
+
+def _marked_prediction(state: dict, metadata: dict) -> str | None:
+    """Explicit markers: ComfyUI's `v_pred` key, SAI ModelSpec `modelspec.prediction_type`."""
+    if "v_pred" in state:
+        return "v_prediction"
+    marked = (metadata or {}).get("modelspec.prediction_type", "")
+    if marked:
+        return "v_prediction" if marked.startswith("v") else "epsilon"
+    return None
+
+
+def _folder_architecture(folder: Path) -> str:
+    index = _read_json(folder / "model_index.json")
+    if "text_encoder_2" in index:
+        return "sdxl"
+    # OpenAI CLIP-L (SD1) uses quick_gelu; OpenCLIP-H (SD2) uses gelu.
+    text_config = _read_json(folder / "text_encoder" / "config.json")
+    return "sd1" if text_config.get("hidden_act", "quick_gelu") == "quick_gelu" else "sd2"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: missing (is {path.parent} a diffusers model folder?)") from None
+    except ValueError as error:
+        raise ModelLoadError(f"{path}: not valid JSON ({error})") from None
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+def load_base_model(
+    path: str | os.PathLike, model_config: str | os.PathLike | None = None, dtype: torch.dtype | None = None
+):
+    """Load `path` (diffusers folder, single file, or hub id when online) as a pipeline.
+
+    Returns `(pipeline, ModelInfo)`. The pipeline is a `StableDiffusionPipeline` or
+    `StableDiffusionXLPipeline` on the CPU; safety checkers are never loaded.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _load_folder(path, dtype)
+    if path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise ModelLoadError(f"{path}: unknown model file type (expected {', '.join(SINGLE_FILE_SUFFIXES)})")
+        return _load_single_file(path, model_config, dtype)
+    if str(path).count("/") == 1 and not str(path).startswith((".", "/")):
+        return _load_hub(str(path), dtype)
+    raise ModelLoadError(f"{path}: no such model folder or file")
+
+
+def _pipeline_class(arch: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+
+
+def _extra_kwargs(arch: str) -> dict:
+    return {} if arch == "sdxl" else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
+def _load_folder(folder: Path, dtype: torch.dtype | None):
+    arch = _folder_architecture(folder)
+    try:
+        pipe = _pipeline_class(arch).from_pretrained(folder, torch_dtype=dtype, **_extra_kwargs(arch))
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{folder}: cannot load diffusers model ({str(error).splitlines()[0]})") from None
+    pipe.set_progress_bar_config(disable=True)
+    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+    return pipe, ModelInfo(arch, prediction, folder)
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype | None):
+    from diffusers import DiffusionPipeline
+
+    try:
+        folder = DiffusionPipeline.download(repo_id)
+    except Exception as error:  # noqa: BLE001 - hub errors have many types; one line for the user
+        raise ModelLoadError(
+            f"{repo_id}: not a local path, and the hub cannot be reached ({type(error).__name__}); "
+            "pass a local diffusers folder or a single-file checkpoint with --model_config"
+        ) from None
+    return _load_folder(Path(folder), dtype)
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and safetensors metadata of a single-file checkpoint (`.ckpt` via safe loading)."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata() or {}
+        except (SafetensorError, OSError) as error:
+            raise ModelLoadError(f"{path}: not a readable safetensors file ({error})") from None
+    from tinv_lib.common.torch_files import safe_torch_load
+
+    data = safe_torch_load(path)
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: not a checkpoint (no state dict inside)")
+    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}, {}
+
+
+def _load_single_file(path: Path, model_config: str | os.PathLike | None, dtype: torch.dtype | None):
+    state, metadata = read_checkpoint(path)
+    arch = detect_architecture(state)
+    if model_config is None:
+        raise ModelLoadError(
+            f"{path}: a single-file {arch.upper()} checkpoint needs --model_config DIR "
+            "(a diffusers folder of the same architecture; only its configs and tokenizers are read)"
+        )
+    config_dir = Path(model_config)
+    config_arch = _folder_architecture(config_dir)
+    if config_arch != arch:
+        raise ModelLoadError(f"{path}: the weights are {arch.upper()} but {config_dir} is a {config_arch.upper()} config")
+    components = _empty_components(config_dir, arch)
+    for name, rules in _component_rules(components, arch).items():
+        converted = layout.from_original(rules, state, f"{path} ({name})")
+        try:
+            components[name].load_state_dict(converted, strict=True, assign=True)
+        except RuntimeError as error:
+            raise ModelLoadError(f"{path} ({name}): does not fit {config_dir}: {str(error).splitlines()[0]}") from None
+    prediction = _marked_prediction(state, metadata)
+    if prediction is None:
+        prediction = "v_prediction" if arch == "sd2" and _probe_v_prediction(components["unet"]) else "epsilon"
+    scheduler_class = type(components["scheduler"])
+    components["scheduler"] = scheduler_class.from_config(components["scheduler"].config, prediction_type=prediction)
+    pipe = _pipeline_class(arch)(**components, **_extra_kwargs(arch))
+    if dtype is not None:
+        pipe.to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, ModelInfo(arch, prediction, path)
+
+
+def _empty_components(config_dir: Path, arch: str) -> dict:
+    """Models built from configs without allocating random weights; tokenizers and scheduler."""
+    import diffusers
+    from accelerate import init_empty_weights
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    def config(sub: str) -> dict:
+        return _read_json(config_dir / sub / "config.json")
+
+    with init_empty_weights():
+        components = {
+            "unet": diffusers.UNet2DConditionModel.from_config(config("unet")),
+            "vae": diffusers.AutoencoderKL.from_config(config("vae")),
+            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder")),
+        }
+        if arch == "sdxl":
+            components["text_encoder_2"] = CLIPTextModelWithProjection(
+                CLIPTextConfig.from_pretrained(config_dir / "text_encoder_2")
+            )
+    components["tokenizer"] = CLIPTokenizer.from_pretrained(config_dir / "tokenizer")
+    if arch == "sdxl":
+        components["tokenizer_2"] = CLIPTokenizer.from_pretrained(config_dir / "tokenizer_2")
+    scheduler_config = _read_json(config_dir / "scheduler" / "scheduler_config.json")
+    scheduler_class = getattr(diffusers, scheduler_config.get("_class_name", "DDIMScheduler"))
+    components["scheduler"] = scheduler_class.from_config(scheduler_config)
+    return components
+
+
+def _component_rules(components: dict, arch: str) -> dict[str, list[layout.KeyRule]]:
+    """Key rules for every weighted component of a pipeline of architecture `arch`."""
+    unet, vae = components["unet"], components["vae"]
+    rules = {
+        "unet": layout.unet_rules(list(unet.state_dict()), unet.config),
+        "vae": layout.vae_rules(list(vae.state_dict()), vae.config),
+    }
+    text_prefixes = layout.TEXT_PREFIXES[arch]
+    if arch == "sd2":
+        rules["text_encoder"] = layout.open_clip_rules(list(components["text_encoder"].state_dict()), text_prefixes[0])
+    else:
+        rules["text_encoder"] = layout.hf_clip_rules(list(components["text_encoder"].state_dict()), text_prefixes[0])
+    if arch == "sdxl":
+        rules["text_encoder_2"] = layout.open_clip_rules(
+            list(components["text_encoder_2"].state_dict()), text_prefixes[1]
+        )
+    return rules
+
+
+# ---------------------------------------------------------------------------------- writing
+
+
+def pipeline_architecture(pipe) -> str:
+    """"sd1" / "sd2" / "sdxl" of a loaded pipeline (same rule as for folders)."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return "sdxl"
+    return "sd1" if pipe.text_encoder.config.hidden_act == "quick_gelu" else "sd2"
+
+
+def write_single_file(pipe, path: str | os.PathLike) -> Path:
+    """Write a pipeline as an A1111/original-layout single file (`.safetensors` or `.ckpt`).
+
+    A v-prediction SD2 model gets ComfyUI's `v_pred` marker key so it is detected as such.
+    """
+    from tinv_lib.common.atomic import atomic_path
+
+    path = Path(path)
+    arch = pipeline_architecture(pipe)
+    names = ("unet", "vae", "text_encoder", "text_encoder_2")
+    components = {name: getattr(pipe, name, None) for name in names}
+    original: dict[str, torch.Tensor] = {}
+    for name, rules in _component_rules(components, arch).items():
+        state = {k: v.detach().cpu().contiguous() for k, v in components[name].state_dict().items()}
+        original.update(layout.to_original(rules, state))
+    if pipe.scheduler.config.get("prediction_type") == "v_prediction":
+        original["v_pred"] = torch.zeros(0)
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(original, str(tmp), metadata={"format": "pt"})
+        else:
+            torch.save({"state_dict": original, "global_step": 0}, tmp)
+    return path
+
+
+def save_model_config(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Copy a diffusers folder's configs and tokenizers (no weights) to `out`: a `--model_config`."""
+    import shutil
+
+    folder, out = Path(folder), Path(out)
+    for file in folder.rglob("*"):
+        if file.is_file() and file.suffix in (".json", ".txt", ".model"):
+            target = out / file.relative_to(folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(file, target)
+    return out
+

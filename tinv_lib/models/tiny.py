@@ -1,0 +1,188 @@
+"""Tiny Stable Diffusion pipelines built from config in code: SD1, SD2 (v-prediction) and SDXL.
+
+Used by the tests and by anyone without a real model. Nothing is downloaded: the tokenizer is
+made by `tinv_lib.models.tokenizer_build`, the weights are random but deterministic from a seed. The
+components have the real classes and folder layout, so every code path (training, file formats,
+single-file loading, generation) runs on them as on a real model, in seconds on a CPU.
+
+Widths are chosen to differ between architectures so wrong-width tests mean something:
+SD1 text width 32, SD2 48, SDXL clip_l 32 + clip_g 48 (UNet cross-attention 80).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tinv_lib.models.tokenizer_build import END_TOKEN, build_clip_tokenizer
+
+ARCHITECTURES = ("sd1", "sd2-v", "sdxl")
+
+_SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+
+
+def _vae(scaling_factor: float):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(32, 32, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _text_encoder(tokenizer, width: int, with_projection: bool = False, act: str = "quick_gelu"):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=width * 2,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=width,
+        hidden_act=act,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return model_class(config)
+
+
+def _sd_unet(cross_attention_dim: int, linear_projection: bool, head_dim):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=head_dim,
+        use_linear_projection=linear_projection,
+        norm_num_groups=32,
+    )
+
+
+def _build_sd1(seed: int, workdir: Path):
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(workdir / "tokenizer", pad_token=END_TOKEN)
+    return StableDiffusionPipeline(
+        vae=_vae(0.18215),
+        text_encoder=_text_encoder(tokenizer, 32),
+        tokenizer=tokenizer,
+        unet=_sd_unet(32, False, 8),
+        scheduler=PNDMScheduler(**_SD_BETAS, steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _build_sd2v(seed: int, workdir: Path):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(workdir / "tokenizer", pad_token="!")
+    return StableDiffusionPipeline(
+        vae=_vae(0.18215),
+        text_encoder=_text_encoder(tokenizer, 48, act="gelu"),
+        tokenizer=tokenizer,
+        unet=_sd_unet(48, True, (2, 4)),
+        scheduler=DDIMScheduler(
+            **_SD_BETAS, steps_offset=1, clip_sample=False, set_alpha_to_one=False,
+            prediction_type="v_prediction",
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _build_sdxl(seed: int, workdir: Path):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(workdir / "tokenizer", pad_token=END_TOKEN)
+    tokenizer_2 = build_clip_tokenizer(workdir / "tokenizer_2", pad_token="!")
+    text_encoder = _text_encoder(tokenizer, 32)
+    text_encoder_2 = _text_encoder(tokenizer_2, 48, with_projection=True, act="gelu")
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 48,
+        cross_attention_dim=32 + 48,
+        norm_num_groups=32,
+    )
+    return StableDiffusionXLPipeline(
+        vae=_vae(0.13025),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**_SD_BETAS, steps_offset=1, timestep_spacing="leading"),
+    )
+
+
+_BUILDERS = {"sd1": _build_sd1, "sd2-v": _build_sd2v, "sdxl": _build_sdxl}
+
+
+def build_tiny_pipeline(arch: str, seed: int = 0):
+    """A tiny diffusers pipeline of architecture `arch` ("sd1", "sd2-v", "sdxl"), CPU float32.
+
+    The same seed gives bit-identical weights.
+    """
+    if arch not in _BUILDERS:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+    with tempfile.TemporaryDirectory() as workdir:
+        pipe = _BUILDERS[arch](seed, Path(workdir))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_pipeline(arch: str, folder: str | Path, seed: int = 0) -> Path:
+    """Build a tiny pipeline and save it as a diffusers folder (safetensors weights)."""
+    folder = Path(folder)
+    pipe = build_tiny_pipeline(arch, seed)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tinv_lib.models.tiny sd1 DIR [--seed N]`: write a tiny model folder."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a tiny random Stable Diffusion model (diffusers folder).")
+    parser.add_argument("arch", choices=ARCHITECTURES)
+    parser.add_argument("folder")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(save_tiny_pipeline(args.arch, args.folder, args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

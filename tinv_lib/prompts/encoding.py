@@ -1,0 +1,241 @@
+"""Prompt text to the tensors a diffusers pipeline takes, with A1111's meaning (FORMATS.md §5).
+
+`PromptEncoder` chunks a prompt the A1111 way (`prompts.py`), runs each 77-token chunk through
+the text encoder(s) with embedding vectors written into the token-embedding output at their
+slots (A1111's `EmbeddingsWithFixes`, done here with a forward hook on the embedding layer),
+applies emphasis, and concatenates the chunks. The result goes to a diffusers pipeline as
+`prompt_embeds` / `negative_prompt_embeds` (plus the pooled embeds for SDXL), so the pipeline
+never needs embeddings added to its tokenizer.
+
+Per architecture it does what the diffusers pipelines do with their own encoders, so a prompt
+without embeddings or emphasis encodes bit-for-bit as the pipeline would encode it:
+SD1/SD2 take the final hidden state; SDXL takes the penultimate hidden state of both encoders,
+side by side, and the pooled projection of the second encoder's first chunk. Gradients flow
+into the inserted vectors, so the trainer can encode its prompts with trainable vectors too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tinv_lib.common.errors import TinvError
+from tinv_lib.prompts.syntax import (
+    CHUNK_LENGTH,
+    COMMA_BACKTRACK,
+    EMPHASIS_MODES,
+    ChunkRules,
+    EmbeddingLookup,
+    PromptChunk,
+    chunk_prompt,
+    empty_chunk,
+)
+
+SDXL_KEYS = ("clip_l", "clip_g")
+
+
+@dataclass
+class EncodedPrompts:
+    """Encoded prompts: `embeds` [batch, 77·chunks, width]; `pooled` [batch, width] for SDXL;
+    `used` the embeddings the prompts used, in order of first use (for `TI hashes`)."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+    used: list[Any] = field(default_factory=list)
+
+
+def apply_emphasis(z: torch.Tensor, multipliers: torch.Tensor, mode: str = "Original") -> torch.Tensor:
+    """Weight each token's hidden state; `Original` then restores the chunk's mean (A1111).
+
+    With all weights 1 the input is returned unchanged, which is also what A1111's arithmetic
+    gives (×1, then ×mean/mean = ×1).
+    """
+    if mode in ("Ignore", "None") or bool((multipliers == 1).all()):
+        return z
+    scaled = z * multipliers.to(z)[..., None]
+    if mode == "No norm":
+        return scaled
+    return scaled * (z.mean() / scaled.mean())
+
+
+def pad_to_same_length(cond: torch.Tensor, uncond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Make cond and uncond the same token length by repeating the shorter one's last vector
+    (A1111's padding when prompt and negative prompt have different chunk counts)."""
+    difference = cond.shape[1] - uncond.shape[1]
+    if difference > 0:
+        uncond = torch.cat([uncond, uncond[:, -1:].expand(-1, difference, -1)], dim=1)
+    elif difference < 0:
+        cond = torch.cat([cond, cond[:, -1:].expand(-1, -difference, -1)], dim=1)
+    return cond, uncond
+
+
+@contextlib.contextmanager
+def inserted_vectors(text_encoder: Any, rows: list[tuple[int, int, torch.Tensor]]) -> Iterator[None]:
+    """While active, the token-embedding output of batch item b gets `vectors` written at
+    positions `start…start+n−1` for each `(b, start, vectors)` in `rows`."""
+    if not rows:
+        yield
+        return
+
+    def hook(_module: Any, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        output = output.clone()
+        for item, start, vectors in rows:
+            output[item, start : start + vectors.shape[0]] = vectors.to(output.device, output.dtype)
+        return output
+
+    handle = text_encoder.get_input_embeddings().register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class _Encoder:
+    """One tokenizer + text encoder pair and how its output is read."""
+
+    def __init__(self, tokenizer: Any, text_encoder: Any, key: str | None, comma_backtrack: int) -> None:
+        self.tokenizer, self.text_encoder, self.key = tokenizer, text_encoder, key
+        end_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id
+        self.width = int(text_encoder.get_input_embeddings().weight.shape[1])
+        self.rules = ChunkRules(
+            start_id=tokenizer.bos_token_id,
+            end_id=end_id,
+            comma_id=tokenizer.get_vocab().get(",</w>"),
+            vectors_of=lambda embedding: min(embedding.vector_count, CHUNK_LENGTH),
+            comma_backtrack=comma_backtrack,
+        )
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Ids without BOS/EOS and without truncation (chunking handles length)."""
+        if not texts:
+            return []
+        return self.tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+
+    def vectors_for(self, embedding: Any) -> torch.Tensor:
+        """This encoder's rows of `embedding`, checked against the encoder's width."""
+        vectors = embedding.vectors
+        if isinstance(vectors, dict) != (self.key is not None):
+            kind = "an SDXL" if isinstance(vectors, dict) else "a single-encoder"
+            raise TinvError(f"embedding '{embedding.name}' is {kind} embedding and does not fit this model")
+        rows = vectors[self.key] if self.key else vectors
+        if rows.shape[-1] != self.width:
+            raise TinvError(f"embedding '{embedding.name}' has width {rows.shape[-1]}, the text encoder {self.width}")
+        return rows
+
+    def token_tensor(self, chunks: list[PromptChunk]) -> torch.Tensor:
+        """Ids of one chunk per batch item; after the first EOS, the tokenizer's pad id (SD2 and
+        SDXL's second encoder pad with `!`, as their pipelines do)."""
+        tokens = torch.tensor([chunk.tokens for chunk in chunks], dtype=torch.long)
+        if self.pad_id != self.rules.end_id:
+            first_end = (tokens == self.rules.end_id).int().argmax(dim=1, keepdim=True)
+            tokens[torch.arange(tokens.shape[1]) > first_end] = self.pad_id
+        return tokens.to(self.text_encoder.device)
+
+
+class PromptEncoder:
+    """A1111 prompt encoding for SD1, SD2 and SDXL pipelines.
+
+    `emphasis` is A1111's mode: `Original` (default), `No norm`, `Ignore` or `None` (brackets
+    are literal text). `zero_empty_negative` gives an empty negative prompt all-zero embeds, as
+    SDXL does (A1111 and diffusers' `force_zeros_for_empty_prompt`).
+    """
+
+    def __init__(
+        self,
+        tokenizers: Sequence[Any],
+        text_encoders: Sequence[Any],
+        emphasis: str = "Original",
+        comma_backtrack: int = COMMA_BACKTRACK,
+        zero_empty_negative: bool = False,
+    ) -> None:
+        if emphasis not in EMPHASIS_MODES:
+            raise TinvError(f"unknown emphasis mode {emphasis!r} (choose from {', '.join(EMPHASIS_MODES)})")
+        if len(tokenizers) != len(text_encoders) or len(tokenizers) not in (1, 2):
+            raise TinvError("a prompt encoder needs one tokenizer and text encoder (SD1/SD2) or two (SDXL)")
+        self.sdxl = len(tokenizers) == 2
+        keys: Sequence[str | None] = SDXL_KEYS if self.sdxl else (None,)
+        self.encoders = [_Encoder(tok, enc, key, comma_backtrack) for tok, enc, key in zip(tokenizers, text_encoders, keys)]
+        self.emphasis = emphasis
+        self.zero_empty_negative = zero_empty_negative
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, emphasis: str = "Original") -> PromptEncoder:
+        """The encoder for a diffusers `StableDiffusionPipeline` or `StableDiffusionXLPipeline`."""
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            zero = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", True))
+            return cls([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2], emphasis, zero_empty_negative=zero)
+        return cls([pipe.tokenizer], [pipe.text_encoder], emphasis)
+
+    @property
+    def expected_dim(self) -> int | dict[str, int]:
+        """The embedding width this model takes: an int, or `{clip_l, clip_g}` for SDXL."""
+        if self.sdxl:
+            return {encoder.key: encoder.width for encoder in self.encoders}
+        return self.encoders[0].width
+
+    def chunks(self, prompt: str, embeddings: Mapping[str, Any] | None = None) -> list[list[PromptChunk]]:
+        """The A1111 chunks of `prompt`, one list per text encoder."""
+        result = []
+        for encoder in self.encoders:
+            lookup = EmbeddingLookup(embeddings, encoder.tokenize) if embeddings else None
+            result.append(chunk_prompt(prompt, encoder.tokenize, encoder.rules, lookup, self.emphasis))
+        return result
+
+    def encode(self, prompts: str | Sequence[str], embeddings: Mapping[str, Any] | None = None) -> EncodedPrompts:
+        """Encode a batch of prompts. Prompts with fewer chunks get empty-prompt chunks (A1111)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        per_prompt = [self.chunks(prompt, embeddings) for prompt in prompts]
+        count = max(len(chunks) for encoders in per_prompt for chunks in encoders)
+        outputs, pooled, used = [], None, []
+        for index, encoder in enumerate(self.encoders):
+            batch = [encoders[index] + [empty_chunk(encoder.rules)] * (count - len(encoders[index])) for encoders in per_prompt]
+            pieces = []
+            for position in range(count):
+                chunks = [chunks_of_item[position] for chunks_of_item in batch]
+                z, chunk_pooled = self._encode_chunk(encoder, chunks, used)
+                pieces.append(z)
+                if position == 0 and chunk_pooled is not None:
+                    pooled = chunk_pooled
+            outputs.append(torch.cat(pieces, dim=1))
+        return EncodedPrompts(torch.cat(outputs, dim=-1), pooled if self.sdxl else None, used)
+
+    def _encode_chunk(self, encoder: _Encoder, chunks: list[PromptChunk], used: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One chunk position for the whole batch: insert vectors, encode, apply emphasis."""
+        rows = []
+        for item, chunk in enumerate(chunks):
+            for fix in chunk.fixes:
+                vectors = encoder.vectors_for(fix.embedding)
+                room = encoder.rules.chunk_length + 1 - (fix.offset + 1)
+                rows.append((item, fix.offset + 1, vectors[: min(room, vectors.shape[0])]))
+                if all(fix.embedding is not seen for seen in used):
+                    used.append(fix.embedding)
+        tokens = encoder.token_tensor(chunks)
+        with inserted_vectors(encoder.text_encoder, rows):
+            output = encoder.text_encoder(tokens, output_hidden_states=self.sdxl)
+        z = output.hidden_states[-2] if self.sdxl else output[0]
+        pooled = getattr(output, "text_embeds", None) if self.sdxl else None
+        multipliers = torch.tensor([chunk.multipliers for chunk in chunks], device=z.device)
+        return apply_emphasis(z, multipliers, self.emphasis), pooled
+
+    def pipeline_inputs(
+        self, prompt: str, negative_prompt: str = "", embeddings: Mapping[str, Any] | None = None
+    ) -> tuple[dict[str, torch.Tensor], list[Any]]:
+        """Keyword arguments for a diffusers pipeline call (`prompt_embeds`,
+        `negative_prompt_embeds`, and for SDXL the two pooled embeds), plus the embeddings used."""
+        cond = self.encode([prompt], embeddings)
+        if self.zero_empty_negative and negative_prompt == "":
+            uncond = EncodedPrompts(torch.zeros_like(cond.embeds), None if cond.pooled is None else torch.zeros_like(cond.pooled))
+        else:
+            uncond = self.encode([negative_prompt], embeddings)
+        embeds, negative = pad_to_same_length(cond.embeds, uncond.embeds)
+        inputs = {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
+        if self.sdxl:
+            inputs["pooled_prompt_embeds"] = cond.pooled
+            inputs["negative_pooled_prompt_embeds"] = uncond.pooled
+        used = cond.used + [emb for emb in uncond.used if all(emb is not seen for seen in cond.used)]
+        return inputs, used

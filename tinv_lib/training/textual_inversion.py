@@ -1,0 +1,230 @@
+"""Textual inversion on the shared training core: the embedding as a `TrainingTask`.
+
+Only a separate `[num_vectors, width]` parameter per text encoder trains; the model's own
+vocabulary is never touched (its rows stay bit-identical, and optimizer state, gradients and the
+all-reduce hold `num_vectors x width` numbers, not the vocabulary). Training prompts go through
+the same A1111 prompt encoding as generation, with the trainable vectors inserted where the
+embedding's name appears, exactly as A1111 trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from tinv_lib.common.errors import TinvError
+from tinv_lib.common.torch_files import safe_torch_load, save_a1111_pt
+from tinv_lib.embeddings.create import create_embedding_vectors, sanitize_name
+from tinv_lib.embeddings.formats import Embedding, load_embedding, save_pt, save_safetensors
+from tinv_lib.training.arguments import (
+    ArgumentError,
+    HelpFormatter,
+    add_model_arguments,
+    add_training_arguments,
+    mark_required,
+    parse_with_config,
+)
+from tinv_lib.training.preflight import require_file
+
+KIND = "textual_inversion"
+MAX_VECTORS = 75
+REQUIRED = ["pretrained_model_name_or_path", "train_data_dir", "placeholder_token"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train a textual-inversion embedding (A1111 Train tab features on Accelerate).",
+        formatter_class=HelpFormatter,
+    )
+    add_model_arguments(parser)
+    group = parser.add_argument_group("embedding")
+    group.add_argument("--placeholder_token", help="the embedding's name: the word to type in prompts, and the file stem")
+    group.add_argument("--initializer_token", default="*", help='init text, any number of tokens ("" = zero vectors)')
+    group.add_argument("--num_vectors", type=int, default=1, help="vectors per token (1-75)")
+    group.add_argument("--resume_from_embedding", help="continue training this embedding file (its step count continues)")
+    add_training_arguments(parser, default_lr="0.005", default_template="subject_filewords")
+    parser.set_defaults(adam_weight_decay=0.0)
+    mark_required(parser, REQUIRED)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = parse_with_config(build_parser(), argv, REQUIRED)
+    if not 1 <= args.num_vectors <= MAX_VECTORS:
+        raise ArgumentError(f"--num_vectors must be 1-{MAX_VECTORS} (one prompt holds 75 tokens), not {args.num_vectors}")
+    require_file("resume_from_embedding", args.resume_from_embedding)
+    args.placeholder_token = sanitize_name(args.placeholder_token)
+    return args
+
+
+class TextualInversionTask:
+    """The trainable vectors of one embedding and how they enter prompts and files."""
+
+    kind = KIND
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.name = args.placeholder_token
+        self.vectors: dict[str, torch.nn.Parameter] = {}
+        self.optimizer_state: dict | None = None
+        self.initial: dict[str, torch.Tensor] = {}  # the vectors training started from (diagnostics)
+        self.vocabularies = None  # the model's vocabularies for diagnostics, built at the first save
+        self.resumed_from: Path | None = None  # the --resume_from_embedding file, once read
+
+    # -- set-up
+    def setup(self, family, model_info, args, device: torch.device) -> int:
+        from tinv_lib.prompts.encoding import PromptEncoder
+
+        self.family, self.model_info = family, model_info
+        self._check_name_is_not_a_word()
+        self.prompt_encoder = PromptEncoder.from_pipeline(family.pipe)
+        step = 0
+        if args.resume_from_embedding:
+            embedding = load_embedding(args.resume_from_embedding)
+            initial = self._check_fits(embedding)
+            step = embedding.step or 0
+            self.resumed_from = Path(args.resume_from_embedding)
+            self.optimizer_state = self._matching_optimizer_state(Path(args.resume_from_embedding), embedding)
+        else:
+            initial = create_embedding_vectors(family.tokenizers, family.text_encoders,
+                                               args.initializer_token, args.num_vectors)
+        if not isinstance(initial, dict):
+            initial = {family.embedding_keys[0]: initial}
+        self.vectors = {key: torch.nn.Parameter(value.to(device, torch.float32).clone()) for key, value in initial.items()}
+        self.initial = {key: value.detach().to("cpu", torch.float32).clone() for key, value in initial.items()}
+        return step
+
+    def _check_name_is_not_a_word(self) -> None:
+        """A name that is one word of the vocabulary would take that word over in every prompt
+        (names are matched on tokens), so "cat" could no longer mean a cat: refuse it up front."""
+        tokenizer = self.family.tokenizers[0]
+        ids = tokenizer(self.name.lower(), add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            raise TinvError(f"--placeholder_token {self.name!r} is already a word of the model's vocabulary, so every "
+                            f"{self.name!r} in a prompt would become the embedding: choose a name that is not a word "
+                            f"(e.g. {self.name + '-ti'!r})")
+
+    def _check_fits(self, embedding: Embedding) -> torch.Tensor | dict[str, torch.Tensor]:
+        widths = self.family.widths
+        vectors = embedding.vectors
+        got = [vectors[k].shape[1] for k in ("clip_l", "clip_g")] if isinstance(vectors, dict) else [vectors.shape[1]]
+        if got != widths:
+            raise TinvError(f"--resume_from_embedding {embedding.path}: vectors of width {got} do not fit this model "
+                            f"(text width {widths})")
+        return vectors
+
+    def _matching_optimizer_state(self, path: Path, embedding: Embedding) -> dict | None:
+        """A1111's `.optim` sidecar, used only if its checksum matches the embedding (§3.8)."""
+        sidecar = path.with_name(path.name + ".optim")
+        if not sidecar.is_file():
+            return None
+        data = safe_torch_load(sidecar)
+        if not isinstance(data, dict) or data.get("hash") != embedding.checksum():
+            print(f"notice: {sidecar.name} does not match the embedding; starting with a fresh optimizer", file=sys.stderr)
+            return None
+        return data.get("optimizer_state_dict")
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.vectors.values())
+
+    def set_training(self, training: bool) -> None:
+        """Vectors have no train/eval behaviour."""
+
+    # -- prompts
+    def current_embedding(self, step: int | None = None) -> Embedding:
+        """The embedding as it is now (live parameters: differentiable inside the encoder)."""
+        vectors = self.vectors[self.family.embedding_keys[0]] if len(self.vectors) == 1 else dict(self.vectors)
+        return Embedding(self.name, vectors, step, self.model_info.short_hash or None, self.model_info.name)
+
+    def conditioning(self, prompts: list[str]):
+        encoded = self.prompt_encoder.encode(prompts, {self.name: self.current_embedding()})
+        return encoded.embeds, encoded.pooled
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        """A dataset whose prompts never contain the embedding's name would train nothing."""
+        tokenizer = self.family.tokenizers[0]
+        name_ids = tokenizer(self.name, add_special_tokens=False)["input_ids"]
+        for prompt in prompts:
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            if any(ids[i:i + len(name_ids)] == name_ids for i in range(len(ids))):
+                return
+        raise TinvError(
+            f"no training prompt contains the placeholder {self.name!r}: use a template with [name] "
+            f"(e.g. --template_file subject_filewords) or put {self.name!r} in the captions"
+        )
+
+    # -- state
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {key: value.detach() for key, value in self.vectors.items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for key, value in self.vectors.items():
+                value.copy_(tensors[key].to(value.device))
+
+    def save_files(self, output_dir: Path, step: int, final: bool, optimizer_state: dict | None) -> list[Path]:
+        """Final: `<name>.pt` + `<name>.safetensors`; intermediate: `embeddings/<name>-<step>.pt`
+        (A1111's naming; the name inside is `<name>-<step>`)."""
+        embedding = self.current_embedding(step)
+        embedding.vectors = _detached(embedding.vectors)
+        if final:
+            written = [save_pt(embedding, output_dir / f"{self.name}.pt"),
+                       save_safetensors(embedding, output_dir / f"{self.name}.safetensors")]
+        else:
+            embedding.name = f"{self.name}-{step}"
+            written = [save_pt(embedding, output_dir / "embeddings" / f"{self.name}-{step}.pt")]
+        if optimizer_state is not None:
+            save_a1111_pt({"hash": embedding.checksum(), "optimizer_state_dict": optimizer_state},
+                          written[0].with_name(written[0].name + ".optim"))
+        return written
+
+    def describe_saved(self, step: int, final: bool, logger) -> None:
+        """Diagnostics of the vectors just saved against the model's vocabulary and the vectors
+        this run started from: TensorBoard scalars and `embedding_diagnostics.csv` rows at every
+        save; after the final save, one line per vector and the warnings (on stderr), since
+        nothing else tells a user that an embedding trained nothing or drowns its prompts."""
+        from tinv_lib.embeddings import diagnostics
+
+        if self.vocabularies is None:
+            self.vocabularies = diagnostics.vocabularies_of(self.family.tokenizers, self.family.text_encoders)
+        records = diagnostics.diagnose_embedding(self.state_tensors(), self.vocabularies, self.initial)
+        logger.scalars(step, diagnostics.scalars(records))
+        logger.table(diagnostics.CSV_NAME, diagnostics.CSV_COLUMNS, diagnostics.csv_rows(step, records))
+        if final:
+            print("\n".join(diagnostics.summary_lines(self.name, records)))
+            for line in diagnostics.warnings_for(self.name, records):
+                print(line, file=sys.stderr)
+
+    def preview(self, family, prompt: str, negative: str, seed: int, steps: int, cfg_scale: float,
+                size: tuple[int, int], output_dir: Path, step: int, count: int) -> list:
+        """Preview images (`images/<name>-<step>.png`) and PNG embeddings carrying the current
+        vectors on the first preview (`image_embeddings/<name>-<step>.png`)."""
+        from tinv_lib.embeddings.image_embed import save_png_embedding
+        from tinv_lib.generation.txt2img import generate
+        from tinv_lib.training.loop import save_previews
+
+        embedding = self.current_embedding(step)
+        embedding.vectors = _detached(embedding.vectors)
+        pictures = generate(family.pipe, prompt, negative, seed=seed, steps=steps, cfg_scale=cfg_scale,
+                            width=size[0], height=size[1], batch_size=count, embeddings={self.name: embedding},
+                            encoder=self.prompt_encoder).images
+        save_previews(pictures, output_dir, self.name, step)
+        embedding.name = f"{self.name}-{step}"
+        save_png_embedding(embedding, output_dir / "image_embeddings" / f"{self.name}-{step}.png", image=pictures[0])
+        return pictures
+
+
+def _detached(vectors):
+    if isinstance(vectors, dict):
+        return {key: value.detach().cpu().float() for key, value in vectors.items()}
+    return vectors.detach().cpu().float()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `train_textual_inversion.py`."""
+    from tinv_lib.training.loop import run_script
+
+    return run_script(parse_args, TextualInversionTask, argv)
