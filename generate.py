@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""txt2img with A1111 prompt semantics, embeddings, hypernetworks and infotext (SPEC §6).
+"""txt2img with A1111 prompt semantics, embeddings, hypernetworks and infotext (docs/generate.md).
 
     python generate.py --prompt "a photo of my-style cat" --steps 20 --sampler "DPM++ 2M Karras" --seed 1
     python generate.py --interactive            # one prompt per line on standard input

@@ -1,4 +1,4 @@
-"""Quality benchmark on the toy world: does training really learn? (issue 8, SPEC §7)
+"""Quality benchmark on the toy world: does training really learn? (issue 8; docs/toy_world.md)
 
 The toy world's judge (`models/toy/judge/`) reads shape, colour, background, background colour
 and outline from a 64 px image, so "did it work" becomes a number. Three measurements:

@@ -1,7 +1,7 @@
 """Test helpers for embeddings: a mirror of A1111's safe-unpickler check, sample embeddings.
 
 `a1111_safe_check` re-implements the check A1111 runs before every `torch.load`
-(`modules/safe.py`, FORMATS.md §4.1) from its description: zip files may only hold
+(`modules/safe.py`; docs/formats.md, "Safe loading") from its description: zip files may only hold
 `<dir>/data.pkl`, `<dir>/data/<n>` and `<dir>/version`, with exactly one `data.pkl`; legacy files
 are five pickles; every pickle is read by an unpickler that resolves only the globals in A1111's
 allow-list and turns storages into empty placeholders. A file that fails it is a file A1111

@@ -1,9 +1,11 @@
 """Hypernetwork `.pt` files and `.optim` sidecars against A1111's own files and loaders.
 
 * A1111-made fixtures load with A1111's outputs (≤ 1e-6 abs, in practice exact).
-* A reference forward written here from FORMATS.md §3 alone agrees with ours on every file.
+* A reference forward written here from docs/formats.md ("Hypernetwork files") alone agrees with
+  ours on every file.
 * Files we write: A1111's key order and types, `torch.load(weights_only=True)`, and the A1111
-  restricted-unpickler check (re-implemented here from FORMATS.md §4.1).
+  restricted-unpickler check (re-implemented here from docs/formats.md,
+  "Safe loading").
 * Legacy `linear1`/`linear2` files without metadata load with the old defaults.
 """
 
@@ -41,11 +43,12 @@ METADATA_ORDER = [
 ]
 
 
-# --- an independent reading of FORMATS.md §3.1-3.4 ------------------------------------------
+# --- an independent reading of docs/formats.md, "Hypernetwork files" ------------------------
 
 
 def reference_layers(meta: dict) -> list[tuple[int, str]]:
-    """(Sequential index, kind) per FORMATS §3.2, with §3.1's load defaults and §3.4's rule."""
+    """(Sequential index, kind) per docs/formats.md, "Module layout", with its load defaults and
+    the dropout rule of older files."""
     ls = meta.get("layer_structure", [1, 2, 1])
     act = meta.get("activation_func")
     dropout = meta.get("dropout_structure")
@@ -86,7 +89,7 @@ def reference_forward(state: dict, meta: dict, x: torch.Tensor, multiplier: floa
     return x + h * multiplier
 
 
-# --- the A1111 whitelist check, per FORMATS §4.1 -------------------------------------------
+# --- the A1111 whitelist check, per docs/formats.md, "Safe loading" ------------------------
 
 _A1111_ALLOWED = {
     ("collections", "OrderedDict"): collections.OrderedDict,

@@ -1,7 +1,8 @@
 """HypernetworkModule / Hypernetwork: layer layout, activations, init quirks, forward semantics.
 
-Layouts are the worked examples of FORMATS.md §3.1; seeded creations are compared with the
-modules A1111 itself created (tests/fixtures/a1111, README §3).
+Layouts are the worked examples of docs/formats.md, "Module layout"; seeded creations are
+compared with the modules A1111 itself created (tests/fixtures/a1111, made by A1111's
+`create_hypernetwork` after `torch.manual_seed`).
 """
 
 from pathlib import Path

@@ -1,4 +1,6 @@
-"""`<hypernet:NAME:MULT>` prompt tags and the hypernetwork folder (FORMATS.md §3.6)."""
+"""`<hypernet:NAME:MULT>` prompt tags and the hypernetwork folder
+(docs/hypernetworks.md, "Using hypernetworks").
+"""
 
 import logging
 import os

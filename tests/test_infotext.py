@@ -22,7 +22,7 @@ from tinv_lib.generation.infotext import (
 
 
 def test_a1111_example_is_written_exactly():
-    """FORMATS.md §6's example line, field for field and quote for quote."""
+    """The example line of docs/formats.md, "Infotext", field for field and quote for quote."""
     params = GenerationParameters(
         prompt="a castle on a hill, (golden hour:1.2)", negative_prompt="EasyNegative, blurry", steps=20,
         sampler="DPM++ 2M", schedule_type="Karras", cfg_scale=7.0, seed=123456, width=512, height=512,

@@ -146,7 +146,8 @@ def test_captions_in_file_names_follow_a1111(blip: Path, tmp_path: Path) -> None
     assert names[0].startswith("00000-0-") and names[2].startswith("00004-0-")
     assert names[1] == "00002-0-a yellow square.png"  # `copy` keeps the existing caption
     for name in (names[0], names[2]):
-        caption = re.sub(r"^[-\d]+\s*", "", name[:-4])  # what [filewords] reads back (FORMATS §8.2)
+        # what [filewords] reads back (docs/formats.md, "Captions and prompt templates")
+        caption = re.sub(r"^[-\d]+\s*", "", name[:-4])
         assert caption and set(caption.split()) <= set(WORDS)
 
 

@@ -7,7 +7,8 @@ built; anything else is refused with a one-line error naming the file, before a 
 from it is constructed.
 
 Files we write use `save_a1111_pt`: legacy (non-zip) serialization, because A1111's
-restricted unpickler rejects the extra entries of PyTorch's zip format (FORMATS.md §4.2), and an
+restricted unpickler rejects the extra entries of PyTorch's zip format
+(docs/formats.md, "Safe loading"), and an
 atomic rename so a kill never leaves a truncated file.
 """
 

@@ -1,4 +1,5 @@
-"""Creating a fresh embedding from init text, with A1111's rule (FORMATS.md §1.2).
+"""Creating a fresh embedding from init text, with A1111's rule
+(docs/embeddings.md, "Creating an embedding").
 
 A1111 tokenizes the init text without special tokens, keeps at most `num_vectors` tokens, and
 fills row i with the token embedding of token `i · n_tokens // num_vectors`, so the init tokens

@@ -1,6 +1,6 @@
 """The embeddings folder: every embedding file under it, kept current without a restart.
 
-What A1111 users expect (FORMATS.md §7), minus its pitfalls:
+What A1111 users expect (docs/formats.md, "The A1111 embeddings folder"), minus its pitfalls:
 
 * recursive (sub-folders count), names are file stems (images: the name stored inside);
 * hot reload: each `refresh()` compares every file's mtime, size and inode with the last scan,

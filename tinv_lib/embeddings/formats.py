@@ -1,8 +1,9 @@
 """Embedding files in and out: A1111 `.pt`, single-key and SDXL `.safetensors`, diffusers
-`{token: tensor}` `.bin`/`.safetensors` (FORMATS.md §1.2-§1.7, §4.4).
+`{token: tensor}` `.bin`/`.safetensors` (docs/formats.md, "Embedding files", "Safe loading").
 
 Every reader returns an `Embedding`; every writer takes one. Reading follows A1111's decision
-tree (§1.7) so a file means here what it means in A1111: `string_to_param` first (with the old
+tree (docs/formats.md, "How A1111 reads an embedding file") so a file means here what it means
+in A1111: `string_to_param` first (with the old
 `ParameterDict` form), then `{clip_l, clip_g}`, then any single-tensor dict. Writers emit the
 forms every consumer accepts: the exact A1111 dict, `emb_params` or `clip_l`/`clip_g`, always
 CPU float32, `.pt` in the legacy serialization A1111's safe unpickler admits.
@@ -90,7 +91,7 @@ class Embedding:
         return self.vector_count
 
     def checksum(self) -> str:
-        """A1111's 4-hex `Embedding.checksum` (§1.13), used to match `.optim` sidecars.
+        """A1111's 4-hex `Embedding.checksum` (docs/formats.md, "Hashes"), used to match `.optim` sidecars.
 
         For SDXL (which A1111 cannot checksum) the `clip_l` then `clip_g` rows are hashed as
         one sequence.
@@ -173,7 +174,8 @@ def metadata_from_dict(data: dict) -> dict[str, Any]:
 
 
 def embedding_from_data(data: Any, name: str, where: str = "embedding") -> Embedding:
-    """Interpret a loaded dict as A1111 does (FORMATS.md §1.7 step 6), returning an `Embedding`.
+    """Interpret a loaded dict as A1111 does (docs/formats.md, "How A1111 reads an embedding
+    file"), returning an `Embedding`.
 
     `name` is the name to use (A1111: the file stem; for images the name stored inside). The
     `format` of the result names the layout (`a1111`, `a1111-parameterdict`, `sdxl`,
@@ -231,7 +233,7 @@ def _metadata_from_header(metadata: dict[str, str]) -> dict[str, Any]:
 
 
 def load_embedding(path: str | os.PathLike) -> Embedding:
-    """Read any embedding file we know, by extension (FORMATS.md §1.7).
+    """Read any embedding file we know, by extension (docs/formats.md, "How A1111 reads an embedding file").
 
     Names: the file stem for `.pt`/`.bin`/`.safetensors`; the name stored inside for images.
     Raises `FileFormatError` (one line) for unknown, damaged or non-embedding files and
@@ -283,7 +285,7 @@ def _cpu_float32(vectors: Vectors) -> Vectors:
 
 
 def a1111_dict(embedding: Embedding) -> dict[str, Any]:
-    """The exact A1111 `.pt` dict (FORMATS.md §1.2), keys in A1111's order."""
+    """The exact A1111 `.pt` dict (docs/formats.md, "The A1111 `.pt` dict"), keys in A1111's order."""
     if embedding.is_sdxl:
         raise TinvError("the A1111 string_to_param dict holds one encoder; SDXL uses clip_l/clip_g")
     return {
@@ -324,7 +326,7 @@ def _fixed_metadata_order(data: bytes, metadata: dict[str, str]) -> bytes:
 
 
 def save_pt(embedding: Embedding, path: str | os.PathLike) -> Path:
-    """Write an A1111 `.pt`: the §1.2 dict (SD1/SD2) or `{clip_l, clip_g}` (SDXL).
+    """Write an A1111 `.pt`: A1111's dict (SD1/SD2) or `{clip_l, clip_g}` (SDXL).
 
     Legacy serialization and plain data only, so A1111's restricted unpickler and
     `torch.load(weights_only=True)` (ComfyUI) both accept it. SDXL files carry no metadata:

@@ -1,4 +1,5 @@
-"""Embeddings carried by images, as A1111's training previews carry them (FORMATS.md §1.12).
+"""Embeddings carried by images, as A1111's training previews carry them
+(docs/formats.md, "PNG embeddings").
 
 A1111 writes two independent copies of the embedding into one PNG, and so do we:
 
@@ -168,7 +169,7 @@ def _dot_pattern(height: int, width: int, sequence: np.ndarray) -> np.ndarray:
 
 
 def insert_data_blocks(image: Image.Image, data: dict, pattern_vector: torch.Tensor) -> Image.Image:
-    """Wrap `image` with the low- and high-nibble blocks of `data` (FORMATS.md §1.12 b).
+    """Wrap `image` with the low- and high-nibble blocks of `data` (docs/formats.md, "Pixel blocks").
 
     Layout: low block | 1 black column | image | 1 black column | high block.
     """
@@ -231,7 +232,8 @@ def caption_overlay(
     image: Image.Image, title: str, footer_left: str, footer_mid: str, footer_right: str
 ) -> Image.Image:
     """A1111's caption on an embedding picture: a dark gradient at top and bottom, the title
-    top-left, three footers along the bottom, fonts sized to fit (FORMATS.md §1.12)."""
+    top-left, three footers along the bottom, fonts sized to fit
+    (docs/formats.md, "Caption overlay")."""
     picture = image.convert("RGBA")
     width, height = picture.size
     gradient = Image.new("RGBA", (1, height))

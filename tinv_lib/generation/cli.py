@@ -1,4 +1,4 @@
-"""`generate.py`: A1111-style txt2img from the command line (SPEC §6).
+"""`generate.py`: A1111-style txt2img from the command line (docs/generate.md).
 
 One run loads the model once, then makes images for a prompt from the flags, for each line read
 from standard input (`--interactive`), or for the settings stored in an image
@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # heavy modules stay unimported until a model is loaded
     from tinv_lib.prompts.encoding import PromptEncoder
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "toy"
-"""The toy model the project ships (SPEC §7): the model used when none is named."""
+"""The toy model the project ships (docs/toy_world.md): the model used when none is named."""
 
 VERSION = f"tinv {__version__}"
 RANDOM_SEED_LIMIT = 4294967294  # A1111 draws random seeds below this

@@ -1,6 +1,6 @@
 """Where generated images go and what they are called: A1111's txt2img saving rules.
 
-A1111 users know their outputs by these names (FORMATS.md §8.5), so we keep them:
+A1111 users know their outputs by these names (docs/generate.md, "Files"), so we keep them:
 
 * samples in `outputs/txt2img-images/<YYYY-MM-DD>/` named `<5-digit counter>-<seed>.png`;
   without date folders the name is `<counter>-<seed>-<prompt>.png`;

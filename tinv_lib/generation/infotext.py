@@ -1,6 +1,6 @@
 """A1111 infotext: the `parameters` text in every PNG we generate, written and read back.
 
-The format (FORMATS.md §6, A1111 v1.10 `create_infotext`):
+The format (docs/formats.md, "Infotext"; A1111 v1.10 `create_infotext`):
 
     <prompt, possibly several lines>
     Negative prompt: <negative prompt>           (only when there is one)

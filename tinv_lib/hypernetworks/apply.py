@@ -2,7 +2,8 @@
 
 A1111 transforms the context of every attention layer before the key and value projections:
 `k = to_k(hn_k(context))`, `v = to_v(hn_v(context))`, where context is the text encoding for
-cross-attention and the layer's own input for self-attention (FORMATS.md §3.5). The module is
+cross-attention and the layer's own input for self-attention
+(docs/hypernetworks.md, "What it is"). The module is
 chosen by the context width; a width without a module passes through; several hypernetworks
 apply one after the other, in order.
 

@@ -1,8 +1,9 @@
 """Hypernetwork `.pt` files and their `.optim` sidecars, as A1111 writes and reads them.
 
-The file is a plain dict (FORMATS.md §3.1): integer context widths mapping to a tuple
+The file is a plain dict (docs/formats.md, "Layout and metadata"): integer context widths mapping to a tuple
 `(k_state_dict, v_state_dict)`, then the metadata keys in A1111's order. We write it with
-legacy serialization (A1111's restricted unpickler rejects torch's zip extras, §4.2) and only
+legacy serialization (A1111's restricted unpickler rejects torch's zip extras: docs/formats.md,
+"Safe loading") and only
 plain data, so ComfyUI's `torch.load(weights_only=True)` reads it too.
 
 Reading accepts everything A1111 reads: old files without metadata keys get A1111's old
@@ -209,7 +210,8 @@ def optimizer_sidecar_path(pt_path: str | os.PathLike) -> Path:
 
 
 def _to_cpu(value: Any) -> Any:
-    """Optimizer states may hold device tensors; files must hold CPU tensors (FORMATS §4.4)."""
+    """Optimizer states may hold device tensors; files must hold CPU tensors
+    (docs/formats.md, "Rules for every `.pt` written")."""
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
     if isinstance(value, dict):

@@ -2,7 +2,8 @@
 
 A hypernetwork holds, for each enabled context width ("size"), a pair of `HypernetworkModule`s.
 The first transforms the context that enters an attention layer's `to_k`, the second the one
-that enters `to_v` (FORMATS.md §3). Each module computes `x + mlp(x) * multiplier`; in training
+that enters `to_v` (docs/formats.md, "Hypernetwork files"). Each module computes
+`x + mlp(x) * multiplier`; in training
 mode the multiplier is ignored (A1111 trains at strength 1 whatever the prompt says).
 
 The MLP is built exactly as A1111 builds it, module by module, because the file format names

@@ -1,4 +1,4 @@
-"""Model and file hashes with A1111's definitions (FORMATS.md §2).
+"""Model and file hashes with A1111's definitions (docs/formats.md, "Hashes").
 
 * `sha256_file`: full-file SHA-256 (A1111 `hashes.sha256`), cached by path, size and mtime so
   multi-GB checkpoints are read once.

@@ -5,7 +5,8 @@ The model is any folder that transformers' image-text-to-text pipeline accepts (
 replaced "image-to-text" in transformers 5): BLIP, as in A1111, is the usual choice. Models are
 read from a local folder only (`local_files_only=True`); nothing is downloaded.
 
-Captions in file names follow A1111's first preprocess (FORMATS.md §9.7): `00000-0-<caption>.png`,
+Captions in file names follow A1111's first preprocess (docs/preprocess.md, "Captions"):
+`00000-0-<caption>.png`,
 characters the OS forbids removed (Windows `\\/:*?"<>|`, elsewhere `/`), and the caption cut at a
 word boundary so the whole path fits 259 (Windows) or 1023 characters. We also drop control
 characters, fold whitespace runs into one space, and keep the file name under 200 UTF-8 bytes:

@@ -1,6 +1,7 @@
 """Focal-point crop: crop a non-square image around its subject, A1111's "auto focal point crop".
 
-The focal point is a weighted average of up to three centroids (FORMATS.md §9.3), each weight
+The focal point is a weighted average of up to three centroids
+(docs/preprocess.md, "Focal point crop"), each weight
 normalised over the detectors that found something:
 
 * **edges** — strong corners on the greyscale image, whose bottom 10 % is first painted grey so

@@ -8,7 +8,7 @@ processes) turns a batch of rows into output images and captions on disk:
    the reason);
 2. make the outputs in A1111's order — split tiles, focal crop, auto-sized crop, the original —
    or, when none of those applies, the default "crop and resize"; each followed by its mirror
-   image with `flip` (FORMATS.md §9);
+   image with `flip` (docs/preprocess.md, "What happens to each file");
 3. caption every output with the image-to-text model, merge with the source's existing caption;
 4. write `<index:05>-<subindex>-<source stem>.png` (or `<index:05>-<subindex>-<caption>.png`)
    and the `.txt` caption, atomically, then record the source as finished

@@ -1,4 +1,4 @@
-"""Image geometry for preprocessing, with A1111's numbers (FORMATS.md §9).
+"""Image geometry for preprocessing, with A1111's numbers (docs/preprocess.md).
 
 Pure functions on PIL images and integers: colour-mode normalisation, "crop and resize",
 splitting oversized images, and the auto-sized crop. Nothing here touches the disk, so every rule
@@ -86,7 +86,7 @@ def crop_and_resize(image: Image.Image, width: int, height: int) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------------------------
-# Split oversized images (FORMATS.md §9.2)
+# Split oversized images (docs/preprocess.md, "Split oversized images")
 # ---------------------------------------------------------------------------------------------
 
 
@@ -148,7 +148,7 @@ def split_image(image: Image.Image, width: int, height: int, plan: SplitPlan) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# Auto-sized crop (FORMATS.md §9.4)
+# Auto-sized crop (docs/preprocess.md, "Auto-sized crop")
 # ---------------------------------------------------------------------------------------------
 
 

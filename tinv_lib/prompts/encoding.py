@@ -1,4 +1,5 @@
-"""Prompt text to the tensors a diffusers pipeline takes, with A1111's meaning (FORMATS.md §5).
+"""Prompt text to the tensors a diffusers pipeline takes, with A1111's meaning
+(docs/formats.md, "Prompt syntax").
 
 `PromptEncoder` chunks a prompt the A1111 way (`prompts.py`), runs each 77-token chunk through
 the text encoder(s) with embedding vectors written into the token-embedding output at their

@@ -1,4 +1,4 @@
-"""A1111 prompt semantics, as text and token ids (FORMATS.md §5): emphasis, BREAK, 75-token
+"""A1111 prompt semantics, as text and token ids (docs/formats.md, "Prompt syntax"): emphasis, BREAK, 75-token
 chunks with comma backtrack, and embedding names matched on tokens.
 
 Nothing here touches a model: `parse_prompt_attention` works on text, `chunk_prompt` on the

@@ -1,6 +1,7 @@
 """Training data: images, captions, prompt templates, buckets, cached latents, batch order.
 
-A1111 semantics (FORMATS.md §8.2-8.4): `.txt` caption sidecars read raw, otherwise the file
+A1111 semantics (docs/formats.md, "Captions and prompt templates", "Latent sampling"): `.txt`
+caption sidecars read raw, otherwise the file
 stem without its leading `[-\\d]+\\s*` (or the `--filename_word_regex` words); template lines with
 `[name]` and `[filewords]` (tags joined by `','`), tag dropout and shuffle; latents encoded once
 and kept in RAM (`once` / `deterministic` / `random` sampling); PNG alpha as loss weight.

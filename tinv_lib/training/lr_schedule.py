@@ -1,7 +1,8 @@
 """Learning rates as a pure function of the optimizer step.
 
 `--learning_rate` takes a float or A1111's schedule string `"0.005:100, 1e-3:1000, 1e-5"`
-(FORMATS.md §8.1, reproduced exactly: parsing, the one-advance-per-step runtime, early finish,
+(docs/formats.md, "Learning-rate schedule strings", reproduced exactly: parsing, the
+one-advance-per-step runtime, early finish,
 the error message). A plain float may instead follow one of diffusers' standard schedulers
 (`--lr_scheduler cosine --lr_warmup_steps 100`). Either way the rate at step `s` depends only on
 `s` and the run's start step, so resuming from a checkpoint needs no scheduler state.

@@ -117,7 +117,8 @@ class TextualInversionTask:
         return vectors
 
     def _matching_optimizer_state(self, path: Path, embedding: Embedding) -> dict | None:
-        """A1111's `.optim` sidecar, used only if its checksum matches the embedding (§3.8)."""
+        """A1111's `.optim` sidecar, used only if its checksum matches the embedding
+        (docs/formats.md, "Optimizer sidecars")."""
         sidecar = path.with_name(path.name + ".optim")
         if not sidecar.is_file():
             return None
