@@ -11,28 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, frozen_state, train_argv
 
 from tinv_lib.hypernetworks import load_hypernetwork
 from tinv_lib.models.loading import load_base_model
 from tinv_lib.training.checkpoints import list_checkpoints
 from tinv_lib.training.hypernetwork import HypernetworkTask, main, parse_args
-from tinv_lib.training.loop import train
+from tinv_lib.training.loop import TrainingHooks, train
 
-ROOT = Path(__file__).resolve().parent.parent
+OFF = ("validation", "report", "save")  # checkpoints stay at the trainer's default unless a test says
 
 
 def _argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
-        "--hypernetwork_name", "hn", "--resolution", "64", "--validation_steps", "0", "--report_to", "none",
-        "--save_steps", "0", *extra,
-    ]
-
-
-def _frozen_state(pipe) -> dict[str, torch.Tensor]:
-    modules = {"unet": pipe.unet, "vae": pipe.vae, "te": pipe.text_encoder, "te2": getattr(pipe, "text_encoder_2", None)}
-    return {f"{name}.{key}": value.detach().clone() for name, module in modules.items() if module is not None
-            for key, value in module.state_dict().items()}
+    return train_argv(model, data, out, *extra, name="hn", hypernetwork=True, off=OFF)
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
@@ -41,29 +32,22 @@ def test_hypernetwork_learns_and_leaves_the_base_model_untouched(arch, request, 
     from tinv_lib.training.evaluation import fixed_batch_loss
 
     model = request.getfixturevalue(f"tiny_{arch}_path")
-    before = _frozen_state(load_base_model(model)[0])
+    before = frozen_state(load_base_model(model)[0])
     args = parse_args(_argv(model, training_images, tmp_path, "--max_train_steps", "60", "--learning_rate", "0.002",
                             "--checkpointing_steps", "0", "--train_batch_size", "4", "--template_file", "none"))
     task = HypernetworkTask(args)
     images, _, _ = load_images(training_images, 64, 16, "buckets", False, 8)
     pixels = torch.stack([image.pixels for image in images])
     losses = {}
-    original_setup = HypernetworkTask.setup
 
-    def setup_and_measure(self, *a, **k):
-        step = original_setup(self, *a, **k)
-        losses["start"] = fixed_batch_loss(self.family, pixels, self.conditioning, ["picture"] * 4, seed=5, repeats=8)
-        return step
+    def measure(run) -> None:
+        losses["start"] = fixed_batch_loss(run.family, pixels, task.conditioning, ["picture"] * 4, seed=5, repeats=8)
 
-    HypernetworkTask.setup = setup_and_measure
-    try:
-        assert train(args, task) == 0
-    finally:
-        HypernetworkTask.setup = original_setup
+    assert train(args, task, TrainingHooks(on_start=measure)) == 0
     losses["end"] = fixed_batch_loss(task.family, pixels, task.conditioning, ["picture"] * 4, seed=5, repeats=8)
     print(f"{arch} fixed-batch loss: {losses['start']:.5f} -> {losses['end']:.5f}")
     assert losses["end"] < losses["start"]
-    after = _frozen_state(task.family.pipe)
+    after = frozen_state(task.family.pipe)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[key], after[key].cpu()) for key in before), "a base-model weight changed"
     saved = load_hypernetwork(tmp_path / "hn.pt")
@@ -135,16 +119,14 @@ def test_two_processes_equal_one_process(script, tiny_sd1_path, training_images,
     """Same global batch (1 x 4 vs 2 x 2). Adam's epsilon is raised from 1e-8 to 1e-4 because
     with the default, gradient elements near zero turn float rounding differences of the
     all-reduce into visible update differences (1e-4 after 6 steps); with it they agree to 1e-7."""
-    extra = ["--placeholder_token", "tok", "--template_file", "subject"] if "textual" in script else []
+    textual = "textual" in script
+    extra = ["--template_file", "subject"] if textual else []
     flags = ["--max_train_steps", "6", "--checkpointing_steps", "0", "--learning_rate", "0.001",
              "--adam_epsilon", "1e-4", *extra]
 
-    def _argv(model, data, out, *more):
-        argv = globals()["_argv"](model, data, out, *more)
-        if extra:
-            at = argv.index("--hypernetwork_name")
-            del argv[at:at + 2]
-        return argv
+    def _argv(model, data, out, *more):  # the same flags for both trainers; "tok" starts from the default
+        return train_argv(model, data, out, *more, name="tok" if textual else "hn", initializer=None,
+                          hypernetwork=not textual, off=OFF)
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true",
            "OMP_NUM_THREADS": "1"}
@@ -158,8 +140,8 @@ def test_two_processes_equal_one_process(script, tiny_sd1_path, training_images,
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
         assert ("2 processes" if name == "two" else "1 processes") in done.stdout
-    name = "tok" if extra else "hn"
-    if extra:
+    name = "tok" if textual else "hn"
+    if textual:
         from tinv_lib.embeddings.formats import load_embedding
 
         one, two = load_embedding(tmp_path / "one" / f"{name}.pt").vectors, load_embedding(tmp_path / "two" / f"{name}.pt").vectors

@@ -10,39 +10,31 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import frozen_state, train_argv
 
 from tinv_lib.embeddings.formats import load_embedding
 from tinv_lib.models.loading import load_base_model
 from tinv_lib.training.checkpoints import list_checkpoints
-from tinv_lib.training.loop import train
+from tinv_lib.training.loop import TrainingHooks, train
 from tinv_lib.training.textual_inversion import TextualInversionTask, main, parse_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
-        "--placeholder_token", "my-thing", "--initializer_token", "a red tree", "--num_vectors", "3",
-        "--resolution", "64", "--validation_steps", "0", "--report_to", "none", *extra,
-    ]
-
-
-def _frozen_state(pipe) -> dict[str, torch.Tensor]:
-    modules = {"unet": pipe.unet, "vae": pipe.vae, "te": pipe.text_encoder, "te2": getattr(pipe, "text_encoder_2", None)}
-    return {f"{name}.{key}": value.clone() for name, module in modules.items() if module is not None
-            for key, value in module.state_dict().items()}
+    return train_argv(model, data, out, "--num_vectors", "3", *extra, initializer="a red tree",
+                      off=("validation", "report"))
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
 def test_only_the_new_vectors_train(arch, request, training_images, tmp_path):
     model = request.getfixturevalue(f"tiny_{arch}_path")
-    before = _frozen_state(load_base_model(model)[0])
+    before = frozen_state(load_base_model(model)[0])
     args = parse_args(_argv(model, training_images, tmp_path, "--max_train_steps", "4", "--learning_rate", "0.05",
                             "--checkpointing_steps", "0", "--save_steps", "0"))
     task = TextualInversionTask(args)
     assert train(args, task) == 0
-    after = _frozen_state(task.family.pipe)
+    after = frozen_state(task.family.pipe)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[key], after[key].cpu()) for key in before), "a frozen weight changed"
     widths = task.family.widths
@@ -75,19 +67,9 @@ def test_fixed_batch_loss_drops_after_100_steps(tiny_sd1_path, training_images, 
             return encoded.embeds, encoded.pooled
         return fixed_batch_loss(task.family, pixels, conditioning, prompts, seed=123, repeats=8)
 
-    original_setup = TextualInversionTask.setup
     losses = {}
-
-    def setup_and_measure(self, *a, **k):
-        step = original_setup(self, *a, **k)
-        losses["start"] = loss_now()
-        return step
-
-    TextualInversionTask.setup = setup_and_measure
-    try:
-        assert train(args, task) == 0
-    finally:
-        TextualInversionTask.setup = original_setup
+    hooks = TrainingHooks(on_start=lambda run: losses.setdefault("start", loss_now()))
+    assert train(args, task, hooks) == 0
     losses["end"] = loss_now()
     print(f"fixed-batch loss: step 0 {losses['start']:.5f} -> step 100 {losses['end']:.5f}")
     assert losses["end"] < losses["start"]

@@ -20,6 +20,7 @@ import math
 import random
 import re
 from dataclasses import dataclass, field
+from enum import IntEnum
 from pathlib import Path
 
 import numpy as np
@@ -332,9 +333,22 @@ def sample_latent(
 # ---------------------------------------------------------------------------- batch order
 
 
+class Stream(IntEnum):
+    """The purposes a random number is drawn for: each is an independent stream of `seeded`."""
+
+    EPOCH_ORDER = 1  # per epoch: the order of the batches (`epoch_batches`)
+    NOISE_AND_TIMESTEP = 2  # per sample: the noise, then the timestep, from one generator
+    PROMPT = 3  # per sample: the template line, tag shuffling and tag dropout
+    LATENT_FRESH = 4  # per sample: `--latent_sampling random`
+    LATENT_ONCE = 5  # per image and flip: `--latent_sampling once`, the same for the whole run
+    FLIP = 6  # per sample: `--flip_p`
+    TORCH_GLOBAL = 7  # per micro-batch and rank: torch's global generator (dropout in the modules)
+
+
+
 def seeded(*parts: int) -> int:
     """A 63-bit seed from integers: independent streams per (seed, purpose, index, ...)."""
-    digest = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
+    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -344,7 +358,7 @@ def epoch_batches(sizes: list[tuple[int, int]], batch: int, seed: int, epoch: in
     Each size group is shuffled and cut into full batches (drop-last); the batches are then
     shuffled. Deterministic from `(seed, epoch)`.
     """
-    rng = random.Random(seeded(seed, 1, epoch))
+    rng = random.Random(seeded(seed, Stream.EPOCH_ORDER, epoch))
     groups: dict[tuple[int, int], list[int]] = {}
     for index, size in enumerate(sizes):
         groups.setdefault(size, []).append(index)

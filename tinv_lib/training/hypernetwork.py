@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from tinv_lib.common.errors import TinvError
+from tinv_lib.common.names import sanitize_name
 from tinv_lib.hypernetworks import (
     WEIGHT_INITS,
     activation_names,
@@ -25,7 +26,6 @@ from tinv_lib.hypernetworks import (
     load_optimizer_sidecar,
     make_options,
     parse_sizes,
-    sanitize_name,
     save_hypernetwork,
     save_optimizer_sidecar,
 )
@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         _create_options(args)  # bad structures and dropout values fail here, before the model loads
         if args.sizes:
             parse_sizes(args.sizes)
-    args.hypernetwork_name = sanitize_name(args.hypernetwork_name)
+    args.hypernetwork_name = sanitize_name(args.hypernetwork_name, "hypernetwork")
     return args
 
 
@@ -171,15 +171,18 @@ class HypernetworkTask:
             save_optimizer_sidecar(path, optimizer_state, "AdamW8bit" if self.args.use_8bit_adam else "AdamW")
         return [path]
 
-    def preview(self, family, prompt: str, negative: str, seed: int, steps: int, cfg_scale: float,
-                size: tuple[int, int], output_dir: Path, step: int, count: int) -> list:
+    def describe_saved(self, step: int, final: bool, logger) -> None:
+        """Nothing to report: a hypernetwork has no vocabulary to be compared with."""
+
+    def preview(self, family, request) -> list:
         """Preview images with the hypernetwork at multiplier 1 (it is installed on the UNet)."""
         from tinv_lib.generation.txt2img import generate
         from tinv_lib.training.loop import save_previews
 
-        pictures = generate(family.pipe, prompt, negative, seed=seed, steps=steps, cfg_scale=cfg_scale,
-                            width=size[0], height=size[1], batch_size=count, encoder=self.prompt_encoder).images
-        save_previews(pictures, output_dir, self.name, step)
+        r = request
+        pictures = generate(family.pipe, r.prompt, r.negative, seed=r.seed, steps=r.steps, cfg_scale=r.cfg_scale,
+                            width=r.size[0], height=r.size[1], batch_size=r.count, encoder=self.prompt_encoder).images
+        save_previews(pictures, r.output_dir, self.name, r.step)
         return pictures
 
 

@@ -1,9 +1,11 @@
 """The training loop shared by textual inversion and hypernetworks.
 
 One loop; what differs between the two trainers is a `TrainingTask` (which parameters train,
-how prompts become conditioning, what files are written). The loop reads top to bottom:
-set up → cache latents → (resume) → for each optimizer step: accumulate micro-batches, reduce
-gradients across processes, guard against NaN, clip, step → log, save, preview, checkpoint.
+how prompts become conditioning, what files are written). `train` reads as its stages:
+`_set_up` (model, data and cached latents, optimizer, resume, schedules) → `_train_steps`, for
+each optimizer step: `_accumulate` the micro-batches (`batches`), `_mix_across_processes`,
+`_roll_back` on a NaN or `_optimizer_step`, then `_after_step` (files, previews, checkpoints)
+→ `_finish` (the final files).
 
 Nothing is lost to a crash: a preview that fails is reported once and previews stop, and any
 other exception inside the loop first saves the trained file and a checkpoint (`crash`).
@@ -23,8 +25,8 @@ import random
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from tinv_lib.common.atomic import atomic_path, atomic_write_text
 from tinv_lib.common.errors import TinvError
 from tinv_lib.training import checkpoints as ckpt
+from tinv_lib.training.batches import MicroBatch, SampleSettings, build_micro_batch, seed_torch_for
 from tinv_lib.training.crash import EXIT_CRASH, preview_notice, save_after_crash
 from tinv_lib.training.data import (
     BatchPlan,
@@ -40,13 +43,14 @@ from tinv_lib.training.data import (
     encode_latents,
     load_images,
     load_template,
-    sample_latent,
-    seeded,
 )
 from tinv_lib.training.distributed import average_gradients
+from tinv_lib.training.frozen_model import load_frozen_model
 from tinv_lib.training.logs import RunLogger
 from tinv_lib.training.lr_schedule import ScheduleString, build_schedule
+from tinv_lib.training.optimizers import build_optimizer
 from tinv_lib.training.signals import StopRequest
+from tinv_lib.training.task import PreviewRequest, TrainingHooks, TrainingRun, TrainingTask
 
 EXIT_NAN = 3
 MAX_ROLLBACKS = 10  # with --on_nan rollback: give up after this many (e.g. NaN in the data itself)
@@ -60,57 +64,221 @@ class TrainingStopped(TinvError):
         self.exit_code = exit_code
 
 
-class TrainingTask(Protocol):
-    """What a trainer plugs into the loop.
+def train(args, task: TrainingTask, hooks: TrainingHooks | None = None) -> int:
+    """Run a whole training job; return the process exit code (0 when finished)."""
+    from tinv_lib.common.quiet import silence_known_noise
 
-    Optional: `describe_saved(step, final, logger)`, called on the main process after every
-    `save_files`, reports on what was saved through the `RunLogger` (textual inversion's embedding
-    diagnostics); a task without it reports nothing.
-    """
+    silence_known_noise()  # also when train() is called without run_script (benchmarks, notebooks)
+    hooks = hooks or TrainingHooks()
+    run = _set_up(args, task)
+    if hooks.on_start is not None:
+        hooks.on_start(run)
+    exit_code = _train_steps(run, hooks)
+    return _finish(run, exit_code)
 
-    kind: str  # "textual_inversion" | "hypernetwork" (checkpoint compatibility, file names)
-    name: str  # the embedding / hypernetwork name, also `[name]` in templates
 
-    def setup(self, family, model_info, args, device: torch.device) -> int:
-        """Create or load the trainable state; return the step count it already has."""
+# ------------------------------------------------------------------------------ set-up
 
-    def parameters(self) -> list[torch.nn.Parameter]: ...
 
-    def conditioning(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text conditioning (and SDXL pooled embeds), differentiable w.r.t. the trainables."""
+def _set_up(args, task: TrainingTask) -> TrainingRun:
+    """Model, data, optimizer, resume, schedules and the run's announcement, in that order."""
+    from accelerate.utils import set_seed
 
-    def set_training(self, training: bool) -> None: ...
+    accelerator = _fresh_accelerator(args.mixed_precision)
+    device, weight_dtype = accelerator.device, _weight_dtype(accelerator.mixed_precision)
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        ckpt.remove_partial_files(output_dir)
+    family, model_info = load_frozen_model(args.pretrained_model_name_or_path, args.model_config, device,
+                                           weight_dtype, args.gradient_checkpointing)
+    file_step = task.setup(family, model_info, args, device)
+    images, templates, messages = _load_data(args, task, family, model_info, device)
+    world = accelerator.num_processes
+    batch = min(args.train_batch_size, max(1, len(images) // world))
+    plan = BatchPlan([im.size for im in images], batch * world, args.gradient_accumulation_steps, args.seed)
+    params = task.parameters()
+    optimizer = build_optimizer(params, args)
+    resumed = _resume(args, task, optimizer, output_dir, file_step)
+    optimizer = accelerator.prepare(optimizer)
+    if resumed.scaler is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(resumed.scaler)
+    schedule = build_schedule(args.learning_rate, args.max_train_steps, resumed.start_step, args.lr_scheduler,
+                              args.lr_warmup_steps)
+    noise_scheduler = family.noise_scheduler()
+    run = TrainingRun(
+        args=args, task=task, accelerator=accelerator, family=family, model_info=model_info,
+        weight_dtype=weight_dtype, output_dir=output_dir, images=images, plan=plan, batch=batch,
+        samples=SampleSettings(args.seed, templates, task.name, args.shuffle_tags, args.tag_dropout, args.flip_p,
+                               args.latent_sampling, family.latent_scale, noise_scheduler.config.num_train_timesteps),
+        params=params, optimizer=optimizer, schedule=schedule,
+        clip_norm=_clip_schedule(args.max_grad_norm, args.max_train_steps, resumed.start_step),
+        clip_value=_clip_schedule(args.clip_grad_value, args.max_train_steps, resumed.start_step),
+        noise_scheduler=noise_scheduler,
+        logger=RunLogger(output_dir, task.kind, args, accelerator.is_main_process, plan.steps_per_epoch,
+                         resume_step=resumed.step if resumed.checkpoint else None),
+        start_step=resumed.start_step, step=resumed.step, end_step=min(args.max_train_steps, schedule.end_step),
+        previews_on=bool(args.validation_steps),
+    )
+    if run.is_main:
+        _announce(run, messages, file_step, resumed.checkpoint)
+    return run
 
-    def check_prompts(self, prompts: list[str]) -> None:
-        """Raise before step 1 if the prompts cannot train anything."""
 
-    def state_tensors(self) -> dict[str, torch.Tensor]: ...
+def _fresh_accelerator(mixed_precision: str | None):
+    """An `Accelerator` that follows this run's flags and environment.
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
+    Accelerate keeps its precision settings in process-wide singletons: they are cleared so a
+    second run in the same process (tests, notebooks) does not inherit the first one's."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
-    def save_files(self, output_dir: Path, step: int, final: bool, optimizer_state: dict | None) -> list[Path]:
-        """Write the trained artifact (intermediate or final); return the paths written."""
-
-    def preview(self, family, prompt: str, negative: str, seed: int, steps: int, cfg_scale: float,
-                size: tuple[int, int], output_dir: Path, step: int, count: int) -> list:
-        """Render preview images with the current state; return PIL images."""
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision)
 
 
 def _weight_dtype(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
-def _optimizer(params: list[torch.nn.Parameter], args, weight_decay: float):
-    options = dict(lr=1.0, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, weight_decay=weight_decay)
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
+def _load_data(args, task: TrainingTask, family, model_info, device):
+    """(images with their latents cached, template lines, messages for the user)."""
+    templates = load_template(args.template_file)
+    masks = MaskOptions(Path(args.mask_dir) if args.mask_dir else None, args.unmasked_weight)
+    images, skipped, notices = load_images(
+        Path(args.train_data_dir), args.resolution, family.size_multiple, args.aspect_mode,
+        args.use_alpha_as_loss_weight, family.latent_factor, args.filename_word_regex, args.filename_join_string, masks,
+    )
+    task.check_prompts([build_prompt(t, im.caption, task.name, random.Random(0), False, 0.0) for im in images for t in templates])
+    flips = (False, True) if args.flip_p > 0 else (False,)
+    cache_dir = Path(args.latent_cache_dir) if args.latent_cache_dir else None
+    encode_latents(images, family.vae, flips, device, torch.float32, cache_dir, model_info.short_hash)
+    if args.offload_vae:
+        family.vae.to("cpu")
+    messages = [f"skipped {line}" for line in skipped] + [f"notice: {line}" for line in notices]
+    return images, templates, messages
 
-        return bnb.optim.AdamW8bit(params, **options)
-    return torch.optim.AdamW(params, **options)
+
+@dataclass
+class _Resumed:
+    checkpoint: Path | None  # the checkpoint resumed from, if any
+    step: int
+    start_step: int
+    scaler: dict | None = None
+
+
+def _resume(args, task: TrainingTask, optimizer, output_dir: Path, file_step: int) -> _Resumed:
+    """Load the checkpoint `--resume_from_checkpoint` names into the task and the optimizer;
+    without one, the optimizer state saved with a resumed file (if the task read one)."""
+    path = ckpt.resolve_checkpoint(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
+    if path is None:
+        if task.optimizer_state:
+            optimizer.load_state_dict(task.optimizer_state)
+        return _Resumed(None, file_step, file_step)
+    state = ckpt.load_checkpoint(path, task.kind)
+    task.load_state_tensors(state.tensors)
+    optimizer.load_state_dict(state.optimizer)
+    return _Resumed(path, state.step, state.start_step, state.scaler)
 
 
 def _clip_schedule(text: str | None, max_steps: int, start_step: int) -> ScheduleString | None:
     return ScheduleString(text, max_steps, start_step) if text else None
+
+
+def _announce(run: TrainingRun, messages: list[str], file_step: int, checkpoint: Path | None) -> None:
+    """The settings file, the data notices, what resuming did and one line about the run."""
+    args, task, accelerator = run.args, run.task, run.accelerator
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    settings = {**vars(args), "model_hash": run.model_info.short_hash, "model_name": run.model_info.name,
+                "model_architecture": run.model_info.arch, "num_of_dataset_images": len(run.images),
+                "initial_step": run.step, "num_processes": accelerator.num_processes,
+                "mixed_precision": accelerator.mixed_precision}
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
+    atomic_write_text(run.output_dir / f"settings-{stamp}.json", json.dumps(settings, indent=1, default=str))
+    for line in messages:
+        run.logger.notice(line)
+    if task.resumed_from is not None:
+        print(f"resumed from {task.resumed_from} at step {file_step}")
+    if checkpoint is not None:
+        print(f"resumed from {checkpoint} at step {run.step}")
+    elif args.resume_from_checkpoint:
+        print(f"no checkpoint in {run.output_dir}: starting at step {run.step}")
+    for line in run.schedule.describe():
+        print(line)
+    print(f"***** {task.kind}: {len(run.images)} images, {run.plan.steps_per_epoch} steps per epoch, "
+          f"batch {run.batch} x {accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation, "
+          f"steps {run.step} -> {run.end_step}, {accelerator.mixed_precision} precision on {run.device} *****")
+
+
+# ------------------------------------------------------------------------------ steps
+
+
+def _train_steps(run: TrainingRun, hooks: TrainingHooks) -> int:
+    """Optimizer steps until the end, a stop request or a NaN that cannot be rolled back; the
+    exit code. Any exception first saves the trained file and a checkpoint (`crash`)."""
+    stop_request = StopRequest()
+    run.take_snapshot()
+    run.task.set_training(True)
+    try:
+        with stop_request:
+            while run.step < run.end_step:
+                rate = run.schedule.rate_at(run.step)
+                if rate is None:
+                    break
+                loss_sum, prompts = _accumulate(run)
+                loss, bad, stop = _mix_across_processes(run.accelerator, run.params, loss_sum,
+                                                        not math.isfinite(loss_sum), stop_request.requested)
+                if bad:
+                    if not _roll_back(run, loss, rate):
+                        return EXIT_NAN
+                    continue
+                grad_norm = _optimizer_step(run, rate)
+                final = run.step >= run.end_step or stop
+                run.logger.step(run.step, loss, rate * run.lr_multiplier, grad_norm, last=final)
+                if hooks.on_step is not None:
+                    hooks.on_step(run.step)
+                _after_step(run, prompts, final)
+                if stop:
+                    return stop_request.exit_code
+    except Exception as error:  # noqa: BLE001 - whatever broke the loop, the training is saved first
+        run.task.set_training(False)
+        save = (lambda: _save_after_crash(run)) if run.is_main else None
+        message = save_after_crash(error, run.output_dir, run.step, run.rank, save)
+        run.logger.close()
+        raise TrainingStopped(message, EXIT_CRASH) from None
+    return 0
+
+
+def _accumulate(run: TrainingRun) -> tuple[float, list[str]]:
+    """Forward and backward over the step's micro-batches: (mean loss, the last prompts)."""
+    accumulation = run.args.gradient_accumulation_steps
+    loss_sum, prompts = 0.0, []
+    for micro in range(accumulation):
+        k = run.step * accumulation + micro
+        seed_torch_for(run.samples, k, run.rank)
+        _, members = run.plan.batch(k)
+        mine = list(enumerate(members))[run.rank * run.batch:(run.rank + 1) * run.batch]
+        micro_batch = build_micro_batch(run.images, mine, k, run.samples)
+        loss = _loss(run, micro_batch)
+        run.accelerator.backward(loss / accumulation)
+        loss_sum += loss.item() / accumulation
+        prompts = micro_batch.prompts
+    return loss_sum, prompts
+
+
+def _loss(run: TrainingRun, batch: MicroBatch) -> torch.Tensor:
+    """The weighted MSE between the UNet's prediction and the family's training target."""
+    device, dtype, family = run.device, run.weight_dtype, run.family
+    latents, noise, timesteps = batch.latents.to(device), batch.noise.to(device), batch.timesteps.to(device)
+    noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
+    with run.accelerator.autocast():
+        hidden, pooled = run.task.conditioning(batch.prompts)
+        extra = family.unet_extra(pooled, batch.sizes, device, dtype)
+        prediction = family.unet(noisy.to(dtype), timesteps, hidden.to(dtype), **extra).sample
+    target = family.training_target(run.noise_scheduler, latents, noise, timesteps)
+    per_element = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    return (per_element * batch.weights.to(device)[:, None]).mean()
 
 
 def _mix_across_processes(accelerator, params, loss_sum: float, bad: bool, stop: bool) -> tuple[float, bool, bool]:
@@ -124,291 +292,122 @@ def _mix_across_processes(accelerator, params, loss_sum: float, bad: bool, stop:
     return flags[0].item() / world, flags[1].item() > 0, flags[2].item() > 0
 
 
-def train(args, task: TrainingTask, on_step: Callable[[int], None] | None = None) -> int:
-    """Run a whole training job; return the process exit code (0 when finished).
+def _roll_back(run: TrainingRun, loss: float, rate: float) -> bool:
+    """After a non-finite loss: back to the last checkpointed state at half the learning rate;
+    False when `--on_nan stop` or too many rollbacks say to give up instead."""
+    run.optimizer.zero_grad(set_to_none=True)
+    run.rollbacks += 1
+    if run.args.on_nan == "stop" or run.rollbacks > MAX_ROLLBACKS:
+        if run.is_main:
+            fp16 = ", or fp16 overflowed (try --mixed_precision bf16 or no)" if run.weight_dtype == torch.float16 else ""
+            gave_up = f"rolled back {MAX_ROLLBACKS} times; " if run.rollbacks > 1 else ""
+            print(f"error: loss became {loss} at step {run.step}: the learning rate ({rate}) is likely too high"
+                  f"{fp16}; {gave_up}stopped without saving over the last good files", file=sys.stderr)
+        return False
+    run.step, tensors, optimizer_state = run.snapshot
+    run.task.load_state_tensors(tensors)
+    run.optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+    run.lr_multiplier *= 0.5
+    run.logger.notice(f"notice: loss became {loss}; rolled back to step {run.step}, "
+                      f"learning rate now x{run.lr_multiplier}")
+    return True
 
-    `on_step(step)` is called after every optimizer step (benchmarks time the steps with it).
-    """
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import set_seed
 
-    from tinv_lib.common.quiet import silence_known_noise
-    from tinv_lib.models.family import family_of
-    from tinv_lib.models.loading import load_base_model
+def _optimizer_step(run: TrainingRun, rate: float) -> float:
+    """Unscale, clip, step at the scheduled rate; the gradient norm before clipping."""
+    run.accelerator.unscale_gradients()
+    max_norm = run.clip_norm.rate_at(run.step) if run.clip_norm else None
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm if max_norm else float("inf")).item()
+    if run.clip_value and run.clip_value.rate_at(run.step):
+        torch.nn.utils.clip_grad_value_(run.params, run.clip_value.rate_at(run.step))
+    for group in run.optimizer.param_groups:
+        group["lr"] = rate * run.lr_multiplier
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return grad_norm
 
-    silence_known_noise()  # also when train() is called without run_script (benchmarks, notebooks)
-    # Accelerate keeps its precision settings in process-wide singletons: clear them so a second
-    # run in the same process (tests, notebooks) follows its own flags and environment.
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    is_main = accelerator.is_main_process
-    device = accelerator.device
-    weight_dtype = _weight_dtype(accelerator.mixed_precision)
-    set_seed(args.seed)
-    output_dir = Path(args.output_dir)
-    if accelerator.is_main_process:
-        ckpt.remove_partial_files(output_dir)
 
-    # ---- model: everything frozen; trainables come from the task
-    pipe, model_info = load_base_model(args.pretrained_model_name_or_path, args.model_config)
-    pipe.set_progress_bar_config(disable=True)
-    family = family_of(pipe)
-    for module in [family.unet, family.vae, *family.text_encoders]:
-        module.requires_grad_(False)
-        module.eval()
-    for module in [family.unet, *family.text_encoders]:
-        module.to(device) if weight_dtype == torch.float32 else module.to(device, weight_dtype)
-    family.vae.to(device)
-    if args.gradient_checkpointing:
-        family.unet.enable_gradient_checkpointing()
-        family.unet.train()  # diffusers checkpoints only in training mode; its dropout is 0
-        for encoder in family.text_encoders:
-            encoder.gradient_checkpointing_enable()
-            encoder.train()
-    task_step = file_step = task.setup(family, model_info, args, device)
+def _after_step(run: TrainingRun, prompts: list[str], final: bool) -> None:
+    """Intermediate files, previews and checkpoints that fall on this step."""
+    args, step = run.args, run.step
+    if args.save_steps and step % args.save_steps == 0 and not final and run.is_main:
+        _save_files(run, final=False)
+        run.task.describe_saved(step, False, run.logger)
+    if run.previews_on and step % args.validation_steps == 0:
+        run.previews_on = _preview(run, prompts[0] if prompts else run.task.name)
+    if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or final):
+        if run.is_main:
+            _save_checkpoint(run)
+        run.accelerator.wait_for_everyone()
+        run.take_snapshot()
 
-    # ---- data: images, prompts, latents cached once
-    templates = load_template(args.template_file)
-    masks = MaskOptions(Path(args.mask_dir) if args.mask_dir else None, args.unmasked_weight)
-    images, skipped, notices = load_images(
-        Path(args.train_data_dir), args.resolution, family.size_multiple, args.aspect_mode,
-        args.use_alpha_as_loss_weight, family.latent_factor, args.filename_word_regex, args.filename_join_string, masks,
-    )
-    task.check_prompts([build_prompt(t, im.caption, task.name, random.Random(0), False, 0.0) for im in images for t in templates])
-    flips = (False, True) if args.flip_p > 0 else (False,)
-    cache_dir = Path(args.latent_cache_dir) if args.latent_cache_dir else None
-    encode_latents(images, family.vae, flips, device, torch.float32, cache_dir, model_info.short_hash)
-    if args.offload_vae:
-        family.vae.to("cpu")
-    world, rank = accelerator.num_processes, accelerator.process_index
-    batch = min(args.train_batch_size, max(1, len(images) // world))
-    plan = BatchPlan([im.size for im in images], batch * world, args.gradient_accumulation_steps, args.seed)
 
-    # ---- optimizer and resume
-    params = task.parameters()
-    optimizer = _optimizer(params, args, weight_decay=getattr(args, "adam_weight_decay", 0.0))
-    start_step = task_step
-    resume = ckpt.resolve_checkpoint(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
-    if resume is not None:
-        state = ckpt.load_checkpoint(resume, task.kind)
-        task.load_state_tensors(state.tensors)
-        optimizer.load_state_dict(state.optimizer)
-        task_step, start_step = state.step, state.start_step
-    elif getattr(task, "optimizer_state", None):
-        optimizer.load_state_dict(task.optimizer_state)
-    optimizer = accelerator.prepare(optimizer)
-    if resume is not None and state.scaler is not None and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(state.scaler)
-    schedule = build_schedule(args.learning_rate, args.max_train_steps, start_step, args.lr_scheduler, args.lr_warmup_steps)
-    clip_norm = _clip_schedule(args.max_grad_norm, args.max_train_steps, start_step)
-    clip_value = _clip_schedule(args.clip_grad_value, args.max_train_steps, start_step)
-    end_step = min(args.max_train_steps, schedule.end_step)
-    noise_scheduler = family.noise_scheduler()
+# ------------------------------------------------------------------------------ files
 
-    logger = RunLogger(output_dir, task.kind, args, is_main, plan.steps_per_epoch, resume_step=task_step if resume else None)
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        settings = {**vars(args), "model_hash": model_info.short_hash, "model_name": model_info.name,
-                    "model_architecture": model_info.arch, "num_of_dataset_images": len(images),
-                    "initial_step": task_step, "num_processes": world, "mixed_precision": accelerator.mixed_precision}
-        stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
-        atomic_write_text(output_dir / f"settings-{stamp}.json", json.dumps(settings, indent=1, default=str))
-        for line in skipped:
-            logger.notice(f"skipped {line}")
-        for line in notices:
-            logger.notice(f"notice: {line}")
-        _report_resume(args, task, output_dir, file_step, resume, task_step)
-        for line in schedule.describe():
-            print(line)
-        print(f"***** {task.kind}: {len(images)} images, {plan.steps_per_epoch} steps per epoch, "
-              f"batch {batch} x {world} processes x {args.gradient_accumulation_steps} accumulation, "
-              f"steps {task_step} -> {end_step}, {accelerator.mixed_precision} precision on {device} *****")
 
-    # ---- the loop
-    stop_request = StopRequest()
-    snapshot = (task_step, {k: v.clone() for k, v in task.state_tensors().items()}, copy.deepcopy(optimizer.state_dict()))
-    lr_multiplier, rollbacks = 1.0, 0
-    step = task_step
-    exit_code = 0
-    previews_on = bool(args.validation_steps)
-    task.set_training(True)
-    try:
-        with stop_request:
-            while step < end_step:
-                rate = schedule.rate_at(step)
-                if rate is None:
-                    break
-                loss_sum, last_prompts = 0.0, []
-                for micro in range(args.gradient_accumulation_steps):
-                    k = step * args.gradient_accumulation_steps + micro
-                    torch.manual_seed(seeded(args.seed, 7, k, rank))  # dropout et al.: a function of the step too
-                    epoch, members = plan.batch(k)
-                    mine = list(enumerate(members))[rank * batch:(rank + 1) * batch]
-                    latents, noises, timesteps, prompts, weights = [], [], [], [], []
-                    for position, index in mine:
-                        image = images[index]
-                        text_rng = random.Random(seeded(args.seed, 3, k, position))
-                        prompts.append(build_prompt(text_rng.choice(templates), image.caption, task.name, text_rng,
-                                                    args.shuffle_tags, args.tag_dropout))
-                        flip = random.Random(seeded(args.seed, 6, k, position)).random() < args.flip_p
-                        mean, std = image.latents[flip]
-                        once = torch.randn(mean.shape, generator=torch.Generator().manual_seed(seeded(args.seed, 5, index, int(flip))))
-                        fresh = torch.randn(mean.shape, generator=torch.Generator().manual_seed(seeded(args.seed, 4, k, position)))
-                        latents.append(sample_latent(mean, std, args.latent_sampling, once, fresh) * family.latent_scale)
-                        generator = torch.Generator().manual_seed(seeded(args.seed, 2, k, position))
-                        noises.append(torch.randn(mean.shape, generator=generator))
-                        timesteps.append(torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=generator))
-                        weight = image.weight.flip(-1) if (image.weight is not None and flip) else image.weight
-                        weights.append(weight if weight is not None else torch.ones(mean.shape[1:]))
-                    latents_t = torch.stack(latents).to(device)
-                    noise_t = torch.stack(noises).to(device)
-                    t = torch.cat(timesteps).to(device)
-                    noisy = noise_scheduler.add_noise(latents_t, noise_t, t)
-                    with accelerator.autocast():
-                        hidden, pooled = task.conditioning(prompts)
-                        extra = family.unet_extra(pooled, [images[i].size for _, i in mine], device, weight_dtype)
-                        prediction = family.unet(noisy.to(weight_dtype), t, hidden.to(weight_dtype), **extra).sample
-                    target = family.training_target(noise_scheduler, latents_t, noise_t, t)
-                    per_element = F.mse_loss(prediction.float(), target.float(), reduction="none")
-                    loss = (per_element * torch.stack(weights).to(device)[:, None]).mean()
-                    accelerator.backward(loss / args.gradient_accumulation_steps)
-                    loss_sum += loss.item() / args.gradient_accumulation_steps
-                    last_prompts = prompts
-
-                bad = not math.isfinite(loss_sum)
-                loss_value, bad, stop = _mix_across_processes(accelerator, params, loss_sum, bad, stop_request.requested)
-                if bad:
-                    optimizer.zero_grad(set_to_none=True)
-                    rollbacks += 1
-                    if args.on_nan == "stop" or rollbacks > MAX_ROLLBACKS:
-                        exit_code = EXIT_NAN
-                        message = (f"loss became {loss_value} at step {step}: the learning rate ({rate}) is likely too high"
-                                   f"{', or fp16 overflowed (try --mixed_precision bf16 or no)' if weight_dtype == torch.float16 else ''}; "
-                                   f"{'rolled back ' + str(MAX_ROLLBACKS) + ' times; ' if rollbacks > 1 else ''}"
-                                   "stopped without saving over the last good files")
-                        if is_main:
-                            print(f"error: {message}", file=sys.stderr)
-                        break
-                    step, tensors, optimizer_state = snapshot
-                    task.load_state_tensors(tensors)
-                    optimizer.load_state_dict(copy.deepcopy(optimizer_state))
-                    lr_multiplier *= 0.5
-                    logger.notice(f"notice: loss became {loss_value}; rolled back to step {step}, "
-                                  f"learning rate now x{lr_multiplier}")
-                    continue
-
-                accelerator.unscale_gradients()
-                max_norm = clip_norm.rate_at(step) if clip_norm else None
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf")).item()
-                if clip_value and clip_value.rate_at(step):
-                    torch.nn.utils.clip_grad_value_(params, clip_value.rate_at(step))
-                for group in optimizer.param_groups:
-                    group["lr"] = rate * lr_multiplier
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                final_step = step >= end_step or stop
-                logger.step(step, loss_value, rate * lr_multiplier, grad_norm, last=final_step)
-                if on_step is not None:
-                    on_step(step)
-
-                if args.save_steps and step % args.save_steps == 0 and not final_step and is_main:
-                    task.save_files(output_dir, step, final=False, optimizer_state=_optim_state(args, optimizer))
-                    _describe_saved(task, step, False, logger)
-                if previews_on and step % args.validation_steps == 0:
-                    previews_on = _preview(args, task, family, last_prompts[0] if last_prompts else task.name, step,
-                                           output_dir, logger, is_main)
-                if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or final_step):
-                    if is_main:
-                        _save_checkpoint(output_dir, task, optimizer, accelerator, step, start_step, args)
-                    accelerator.wait_for_everyone()
-                    snapshot = (step, {k: v.clone() for k, v in task.state_tensors().items()}, copy.deepcopy(optimizer.state_dict()))
-                if stop:
-                    exit_code = stop_request.exit_code
-                    break
-    except Exception as error:  # noqa: BLE001 - whatever broke the loop, the training is saved first
-        task.set_training(False)
-        save = (lambda: _save_everything(output_dir, task, optimizer, accelerator, step, start_step, args)) if is_main else None
-        message = save_after_crash(error, output_dir, step, accelerator.process_index, save)
-        logger.close()
-        raise TrainingStopped(message, EXIT_CRASH) from None
-
-    task.set_training(False)
-    if exit_code != EXIT_NAN and is_main:
-        written = task.save_files(output_dir, step, final=True, optimizer_state=_optim_state(args, optimizer))
+def _finish(run: TrainingRun, exit_code: int) -> int:
+    """The final files (not after a NaN: the last good files stay), then close the run."""
+    run.task.set_training(False)
+    if exit_code != EXIT_NAN and run.is_main:
+        written = _save_files(run, final=True)
         if exit_code:
-            print(f"Training interrupted at step {step}; resume with --resume_from_checkpoint latest", file=sys.stderr)
-        print(f"Saved step {step}: {', '.join(str(path) for path in written)}")
-        _describe_saved(task, step, True, logger)
-    logger.close()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+            print(f"Training interrupted at step {run.step}; resume with --resume_from_checkpoint latest", file=sys.stderr)
+        print(f"Saved step {run.step}: {', '.join(str(path) for path in written)}")
+        run.task.describe_saved(run.step, True, run.logger)
+    run.logger.close()
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
     return exit_code
 
 
-def _optim_state(args, optimizer) -> dict | None:
-    return optimizer.state_dict() if args.save_optimizer_state else None
+def _save_files(run: TrainingRun, final: bool) -> list[Path]:
+    """The task's trained file(s) for this step (with the optimizer state when asked to keep it)."""
+    optimizer_state = run.optimizer.state_dict() if run.args.save_optimizer_state else None
+    return run.task.save_files(run.output_dir, run.step, final=final, optimizer_state=optimizer_state)
 
 
-def _describe_saved(task, step: int, final: bool, logger: RunLogger) -> None:
-    """Let the task report on the file it just saved, if it has anything to say."""
-    describe = getattr(task, "describe_saved", None)
-    if describe is not None:
-        describe(step, final, logger)
+def _save_after_crash(run: TrainingRun) -> list[Path]:
+    """After a crash: the trained file(s) as `<name>.pt` (marked with the step) and a checkpoint."""
+    return [*_save_files(run, final=True), _save_checkpoint(run)]
 
 
-def _report_resume(args, task, output_dir: Path, file_step: int, checkpoint: Path | None, step: int) -> None:
-    """Say what resuming did: from which file or checkpoint, at which step, or that there was none."""
-    source = getattr(task, "resumed_from", None)
-    if source is not None:
-        print(f"resumed from {source} at step {file_step}")
-    if checkpoint is not None:
-        print(f"resumed from {checkpoint} at step {step}")
-    elif args.resume_from_checkpoint:
-        print(f"no checkpoint in {output_dir}: starting at step {step}")
-
-
-def _save_everything(output_dir: Path, task, optimizer, accelerator, step: int, start_step: int, args) -> list[Path]:
-    """After a crash: the trained file(s) as `<name>.pt` (marked with `step`) and a checkpoint."""
-    written = task.save_files(output_dir, step, final=True, optimizer_state=_optim_state(args, optimizer))
-    return [*written, _save_checkpoint(output_dir, task, optimizer, accelerator, step, start_step, args)]
-
-
-def _save_checkpoint(output_dir: Path, task, optimizer, accelerator, step: int, start_step: int, args) -> Path:
+def _save_checkpoint(run: TrainingRun) -> Path:
+    scaler = run.accelerator.scaler
     state = ckpt.CheckpointState(
-        step=step, start_step=start_step, kind=task.kind, name=task.name, tensors=task.state_tensors(),
-        optimizer=optimizer.state_dict(), scaler=accelerator.scaler.state_dict() if accelerator.scaler else None,
+        step=run.step, start_step=run.start_step, kind=run.task.kind, name=run.task.name,
+        tensors=run.task.state_tensors(), optimizer=run.optimizer.state_dict(),
+        scaler=scaler.state_dict() if scaler else None,
     )
-    return ckpt.save_checkpoint(output_dir, state, args.checkpoints_total_limit)
+    return ckpt.save_checkpoint(run.output_dir, state, run.args.checkpoints_total_limit)
 
 
-def _preview(args, task, family, training_prompt: str, step: int, output_dir: Path, logger, is_main: bool) -> bool:
+def _preview(run: TrainingRun, training_prompt: str) -> bool:
     """Preview images on the main process, with the VAE brought back if it was offloaded.
 
     Returns whether previews should go on: a preview that raises is reported once and turned
     off, since a picture is never worth the training it would otherwise end."""
-    if not is_main:
+    if not run.is_main:
         return True
-    device = family.unet.device
+    args, family = run.args, run.family
     if args.offload_vae:
-        family.vae.to(device)
-    task.set_training(False)
+        family.vae.to(family.unet.device)
+    run.task.set_training(False)
     try:
-        seed = args.validation_seed if args.validation_seed is not None else args.seed + step
-        size = (args.resolution, args.resolution)
-        prompt = args.validation_prompt or training_prompt
+        request = PreviewRequest(
+            prompt=args.validation_prompt or training_prompt, negative=args.validation_negative_prompt,
+            seed=args.validation_seed if args.validation_seed is not None else args.seed + run.step,
+            steps=args.validation_num_inference_steps, cfg_scale=args.validation_guidance_scale,
+            size=(args.resolution, args.resolution), count=args.num_validation_images,
+            output_dir=run.output_dir, step=run.step)
         started = time.perf_counter()
-        pictures = task.preview(family, prompt, args.validation_negative_prompt, seed,
-                                args.validation_num_inference_steps, args.validation_guidance_scale, size,
-                                output_dir, step, args.num_validation_images)
-        logger.images(step, pictures, prompt, time.perf_counter() - started)
+        pictures = run.task.preview(family, request)
+        run.logger.images(run.step, pictures, request.prompt, time.perf_counter() - started)
     except Exception as error:  # noqa: BLE001 - any failure of a preview, see the docstring
-        logger.notice(preview_notice(error, step))
+        run.logger.notice(preview_notice(error, run.step))
         return False
     finally:
-        task.set_training(True)
+        run.task.set_training(True)
         if args.offload_vae:
             family.vae.to("cpu")
     return True

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from tinv_lib.common.errors import TinvError
+from tinv_lib.common.names import sanitize_name
 from tinv_lib.common.torch_files import safe_torch_load, save_a1111_pt
-from tinv_lib.embeddings.create import create_embedding_vectors, sanitize_name
+from tinv_lib.embeddings.create import create_embedding_vectors
 from tinv_lib.embeddings.formats import Embedding, load_embedding, save_pt, save_safetensors
 from tinv_lib.training.arguments import (
     ArgumentError,
@@ -56,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 1 <= args.num_vectors <= MAX_VECTORS:
         raise ArgumentError(f"--num_vectors must be 1-{MAX_VECTORS} (one prompt holds 75 tokens), not {args.num_vectors}")
     require_file("resume_from_embedding", args.resume_from_embedding)
-    args.placeholder_token = sanitize_name(args.placeholder_token)
+    args.placeholder_token = sanitize_name(args.placeholder_token, "embedding")
     return args
 
 
@@ -100,8 +101,9 @@ class TextualInversionTask:
     def _check_name_is_not_a_word(self) -> None:
         """A name that is one word of the vocabulary would take that word over in every prompt
         (names are matched on tokens), so "cat" could no longer mean a cat: refuse it up front."""
-        tokenizer = self.family.tokenizers[0]
-        ids = tokenizer(self.name.lower(), add_special_tokens=False)["input_ids"]
+        from tinv_lib.prompts.encoding import token_ids
+
+        (ids,) = token_ids(self.family.tokenizers[0], [self.name.lower()])
         if len(ids) == 1:
             raise TinvError(f"--placeholder_token {self.name!r} is already a word of the model's vocabulary, so every "
                             f"{self.name!r} in a prompt would become the embedding: choose a name that is not a word "
@@ -109,12 +111,12 @@ class TextualInversionTask:
 
     def _check_fits(self, embedding: Embedding) -> torch.Tensor | dict[str, torch.Tensor]:
         widths = self.family.widths
-        vectors = embedding.vectors
-        got = [vectors[k].shape[1] for k in ("clip_l", "clip_g")] if isinstance(vectors, dict) else [vectors.shape[1]]
+        dim = embedding.dim
+        got = list(dim.values()) if isinstance(dim, dict) else [dim]
         if got != widths:
             raise TinvError(f"--resume_from_embedding {embedding.path}: vectors of width {got} do not fit this model "
                             f"(text width {widths})")
-        return vectors
+        return embedding.vectors
 
     def _matching_optimizer_state(self, path: Path, embedding: Embedding) -> dict | None:
         """A1111's `.optim` sidecar, used only if its checksum matches the embedding
@@ -146,10 +148,12 @@ class TextualInversionTask:
 
     def check_prompts(self, prompts: list[str]) -> None:
         """A dataset whose prompts never contain the embedding's name would train nothing."""
+        from tinv_lib.prompts.encoding import token_ids
+
         tokenizer = self.family.tokenizers[0]
-        name_ids = tokenizer(self.name, add_special_tokens=False)["input_ids"]
+        (name_ids,) = token_ids(tokenizer, [self.name])
         for prompt in prompts:
-            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            (ids,) = token_ids(tokenizer, [prompt])
             if any(ids[i:i + len(name_ids)] == name_ids for i in range(len(ids))):
                 return
         raise TinvError(
@@ -199,22 +203,22 @@ class TextualInversionTask:
             for line in diagnostics.warnings_for(self.name, records):
                 print(line, file=sys.stderr)
 
-    def preview(self, family, prompt: str, negative: str, seed: int, steps: int, cfg_scale: float,
-                size: tuple[int, int], output_dir: Path, step: int, count: int) -> list:
+    def preview(self, family, request) -> list:
         """Preview images (`images/<name>-<step>.png`) and PNG embeddings carrying the current
         vectors on the first preview (`image_embeddings/<name>-<step>.png`)."""
         from tinv_lib.embeddings.image_embed import save_png_embedding
         from tinv_lib.generation.txt2img import generate
         from tinv_lib.training.loop import save_previews
 
-        embedding = self.current_embedding(step)
+        r = request
+        embedding = self.current_embedding(r.step)
         embedding.vectors = _detached(embedding.vectors)
-        pictures = generate(family.pipe, prompt, negative, seed=seed, steps=steps, cfg_scale=cfg_scale,
-                            width=size[0], height=size[1], batch_size=count, embeddings={self.name: embedding},
+        pictures = generate(family.pipe, r.prompt, r.negative, seed=r.seed, steps=r.steps, cfg_scale=r.cfg_scale,
+                            width=r.size[0], height=r.size[1], batch_size=r.count, embeddings={self.name: embedding},
                             encoder=self.prompt_encoder).images
-        save_previews(pictures, output_dir, self.name, step)
-        embedding.name = f"{self.name}-{step}"
-        save_png_embedding(embedding, output_dir / "image_embeddings" / f"{self.name}-{step}.png", image=pictures[0])
+        save_previews(pictures, r.output_dir, self.name, r.step)
+        embedding.name = f"{self.name}-{r.step}"
+        save_png_embedding(embedding, r.output_dir / "image_embeddings" / f"{self.name}-{r.step}.png", image=pictures[0])
         return pictures
 
 

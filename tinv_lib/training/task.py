@@ -1,0 +1,128 @@
+"""What the training loop and a trainer agree on, and what the loop shows its observers.
+
+`TrainingTask` is everything the loop asks of a trainer (textual inversion and hypernetworks
+are the two); `TrainingRun` is a run once set up, as the loop's stages share it and as
+`TrainingHooks` receive it. Tests and benchmarks observe a run through the hooks instead of
+patching the loop's functions.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from tinv_lib.training.batches import SampleSettings
+from tinv_lib.training.data import BatchPlan, TrainingImage
+from tinv_lib.training.logs import RunLogger
+from tinv_lib.training.lr_schedule import ScheduleString
+
+
+@dataclass
+class PreviewRequest:
+    """What a preview is asked to draw, and where its files go."""
+
+    prompt: str
+    negative: str
+    seed: int
+    steps: int
+    cfg_scale: float
+    size: tuple[int, int]  # (width, height)
+    count: int
+    output_dir: Path
+    step: int
+
+
+class TrainingTask(Protocol):
+    """What a trainer plugs into the loop: everything the loop asks of it is declared here."""
+
+    kind: str  # "textual_inversion" | "hypernetwork" (checkpoint compatibility, file names)
+    name: str  # the embedding / hypernetwork name, also `[name]` in templates
+    resumed_from: Path | None  # the trained file `setup` continued from, if any (reported at the start)
+    optimizer_state: dict | None  # the optimizer state saved with that file (A1111's `.optim`), if any
+
+    def setup(self, family, model_info, args, device: torch.device) -> int:
+        """Create or load the trainable state; return the step count it already has."""
+
+    def parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def conditioning(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text conditioning (and SDXL pooled embeds), differentiable w.r.t. the trainables."""
+
+    def set_training(self, training: bool) -> None: ...
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Raise before step 1 if the prompts cannot train anything."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
+    def save_files(self, output_dir: Path, step: int, final: bool, optimizer_state: dict | None) -> list[Path]:
+        """Write the trained artifact (intermediate or final); return the paths written."""
+
+    def describe_saved(self, step: int, final: bool, logger: RunLogger) -> None:
+        """Report on what `save_files` just wrote (main process only; may do nothing)."""
+
+    def preview(self, family, request: PreviewRequest) -> list:
+        """Render preview images with the current state; return PIL images."""
+
+
+@dataclass
+class TrainingHooks:
+    """Observers for benchmarks, tests and notebooks: called with the run, they change nothing by themselves."""
+
+    on_start: Callable[[TrainingRun], None] | None = None  # once, after set-up and resume, before step 1
+    on_step: Callable[[int], None] | None = None  # after every optimizer step, with the step reached
+
+
+@dataclass
+class TrainingRun:
+    """A run once set up: the model, the data, the optimizer and where the run stands."""
+
+    args: Any
+    task: TrainingTask
+    accelerator: Any
+    family: Any
+    model_info: Any
+    weight_dtype: torch.dtype
+    output_dir: Path
+    images: list[TrainingImage]
+    plan: BatchPlan
+    batch: int  # images per process and micro-batch
+    samples: SampleSettings
+    params: list[torch.nn.Parameter]
+    optimizer: Any
+    schedule: Any
+    clip_norm: ScheduleString | None
+    clip_value: ScheduleString | None
+    noise_scheduler: Any
+    logger: RunLogger
+    start_step: int  # where this run's schedules started (kept across checkpoint resumes)
+    step: int
+    end_step: int
+    snapshot: tuple = ()  # (step, trainable tensors, optimizer state) of the last good step
+    lr_multiplier: float = 1.0  # halved by every NaN rollback
+    rollbacks: int = 0
+    previews_on: bool = True
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    def take_snapshot(self) -> None:
+        """Remember this step as the one a NaN rolls back to."""
+        tensors = {key: value.clone() for key, value in self.task.state_tensors().items()}
+        self.snapshot = (self.step, tensors, copy.deepcopy(self.optimizer.state_dict()))
