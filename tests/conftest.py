@@ -57,3 +57,15 @@ def training_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if index < 2:
             (folder / f"{stem}.txt").write_text(f"{colour}, {shape}, white background", encoding="utf-8")
     return folder
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine run several times faster on one thread
+    (`pytestmark = pytest.mark.usefixtures("one_thread")` in the files that want it)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -4,6 +4,7 @@ off, and any other failure inside the loop saves the training before the run end
 from pathlib import Path
 
 import pytest
+from helpers import train_argv
 
 from tinv_lib.embeddings.formats import load_embedding
 from tinv_lib.hypernetworks import load_hypernetwork
@@ -12,17 +13,8 @@ from tinv_lib.training import textual_inversion
 from tinv_lib.training.checkpoints import list_checkpoints, load_checkpoint
 
 
-def _argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
-            "--placeholder_token", "my-thing", "--initializer_token", "cat", "--resolution", "64",
-            "--report_to", "none", "--validation_steps", "0", "--save_steps", "0", "--checkpointing_steps", "0", *extra]
-
-
 def _hn_argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    argv = _argv(model, data, out, *extra)
-    at = argv.index("--placeholder_token")
-    argv[at:at + 4] = ["--hypernetwork_name", "hn"]
-    return argv
+    return train_argv(model, data, out, *extra, name="hn", hypernetwork=True)
 
 
 @pytest.fixture
@@ -56,7 +48,7 @@ BAD_FLAGS = [
 def test_bad_flags_are_one_line_errors_before_the_model_loads(flags, message, tiny_sd1_path, training_images, tmp_path,
                                                               capsys, no_model_load):
     out = tmp_path / "out"
-    assert textual_inversion.main(_argv(tiny_sd1_path, training_images, out, *flags)) == 2
+    assert textual_inversion.main(train_argv(tiny_sd1_path, training_images, out, *flags)) == 2
     printed = capsys.readouterr()
     lines = printed.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], printed.err
@@ -66,8 +58,8 @@ def test_bad_flags_are_one_line_errors_before_the_model_loads(flags, message, ti
 def test_missing_files_and_bad_hypernetwork_options_fail_before_the_model_loads(tiny_sd1_path, training_images, tmp_path,
                                                                                 capsys, no_model_load):
     cases = [
-        (_argv(tmp_path / "no-model", training_images, tmp_path / "out"), "--pretrained_model_name_or_path"),
-        (_argv(tiny_sd1_path, tmp_path / "no-data", tmp_path / "out"), "--train_data_dir"),
+        (train_argv(tmp_path / "no-model", training_images, tmp_path / "out"), "--pretrained_model_name_or_path"),
+        (train_argv(tiny_sd1_path, tmp_path / "no-data", tmp_path / "out"), "--train_data_dir"),
         (_hn_argv(tiny_sd1_path, training_images, tmp_path / "out", "--dropout_structure", "0, 1.5, 0"),
          "dropout structure"),
         (_hn_argv(tiny_sd1_path, training_images, tmp_path / "out", "--resume_from_hypernetwork", "gone.pt"),
@@ -89,7 +81,7 @@ def test_a_failing_preview_is_one_notice_and_training_goes_on(tiny_sd1_path, tra
         raise ValueError("`height` and `width` have to be divisible by 8 but are 63 and 63.\nmore detail")
 
     monkeypatch.setattr(textual_inversion.TextualInversionTask, "preview", broken_preview)
-    code = textual_inversion.main(_argv(tiny_sd1_path, training_images, tmp_path, "--max_train_steps", "4",
+    code = textual_inversion.main(train_argv(tiny_sd1_path, training_images, tmp_path, "--max_train_steps", "4",
                                         "--validation_steps", "1", "--checkpointing_steps", "4"))
     err = capsys.readouterr().err
     assert code == 0, err
@@ -118,7 +110,7 @@ def _fail_on_call(monkeypatch, cls, number: int) -> None:
 def test_a_failure_inside_a_step_saves_the_embedding_and_a_checkpoint(tiny_sd1_path, training_images, tmp_path,
                                                                       capsys, monkeypatch):
     _fail_on_call(monkeypatch, textual_inversion.TextualInversionTask, 4)  # steps 1-3 finish, step 4 breaks
-    argv = _argv(tiny_sd1_path, training_images, tmp_path, "--max_train_steps", "6")
+    argv = train_argv(tiny_sd1_path, training_images, tmp_path, "--max_train_steps", "6")
     code = textual_inversion.main(argv)
     printed = capsys.readouterr()
     assert code == 1, printed.err

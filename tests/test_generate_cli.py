@@ -32,14 +32,7 @@ from tinv_lib.hypernetworks import context_widths, create_hypernetwork, make_opt
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["--steps", "2", "--width", "64", "--height", "64"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run several times faster on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -8,19 +8,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import train_argv
 from PIL import Image, ImageDraw
 
 from tinv_lib.embeddings.formats import load_embedding
 from tinv_lib.training.data import MaskOptions, load_images
 from tinv_lib.training.textual_inversion import main
 
-STEPS_ARGS = ("--checkpointing_steps", "0", "--validation_steps", "0", "--save_steps", "0", "--report_to", "none")
-
 
 def _argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
-            "--placeholder_token", "my-thing", "--initializer_token", "cat", "--resolution", "64",
-            "--template_file", "subject", *STEPS_ARGS, *extra]
+    return train_argv(model, data, out, "--template_file", "subject", *extra)
 
 
 def _picture(index: int, right: str) -> Image.Image:
@@ -220,9 +217,8 @@ def test_hypernetwork_trains_with_a_mask_dir(tiny_sd1_path, tmp_path, capsys):
     masks = tmp_path / "masks"
     masks.mkdir()
     _left_half_mask().save(masks / "0000-masklabel.png")
-    argv = ["--pretrained_model_name_or_path", str(tiny_sd1_path), "--train_data_dir", str(data),
-            "--output_dir", str(tmp_path / "out"), "--hypernetwork_name", "hn", "--resolution", "64",
-            "--mask_dir", str(masks), "--unmasked_weight", "0.2", "--max_train_steps", "1", *STEPS_ARGS]
+    argv = train_argv(tiny_sd1_path, data, tmp_path / "out", "--mask_dir", str(masks), "--unmasked_weight", "0.2",
+                      "--max_train_steps", "1", name="hn", hypernetwork=True)
     assert hypernetwork_main(argv) == 0
     assert f"notice: 1 of 2 images have no usable mask (<stem>-masklabel.png in {masks})" in capsys.readouterr().err
     assert (tmp_path / "out" / "hn.pt").is_file()

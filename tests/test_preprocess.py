@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 from PIL import Image
@@ -23,13 +23,9 @@ from tinv_lib.preprocessing.folder import (
 from tinv_lib.preprocessing.image_ops import AutosizeSettings
 from tinv_lib.preprocessing.state import STATE_DIR
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "preprocess.py"), *args], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
+    return helpers.run_script("preprocess.py", *args)
 
 
 def outputs(folder: Path) -> dict[str, bytes]:

@@ -7,12 +7,11 @@ loading, the image-text-to-text pipeline, worker processes, sidecars, names) is 
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 from PIL import Image
@@ -21,7 +20,6 @@ from tinv_lib.common.errors import TinvError
 from tinv_lib.preprocessing.captioning import CaptionSettings, get_captioner
 from tinv_lib.preprocessing.folder import PreprocessOptions, preprocess_folder
 
-REPO = Path(__file__).resolve().parents[1]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = ["red", "cat", "sky", "tree", "blue", "dog", "house", "sun", "car", "hat", "boat", "leaf"]
 
@@ -78,11 +76,7 @@ def make_sources(folder: Path) -> None:
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return subprocess.run(
-        [sys.executable, str(REPO / "preprocess.py"), *args], cwd=REPO, env=env, capture_output=True, text=True,
-        timeout=300,
-    )
+    return helpers.run_script("preprocess.py", *args, timeout=300)
 
 
 def tree(folder: Path) -> dict[str, bytes]:

@@ -10,17 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import train_argv
 
 from tinv_lib.embeddings.formats import load_embedding
 from tinv_lib.training.textual_inversion import main
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _argv(model: Path, data: Path, out: Path, *extra: str, name: str = "my-thing") -> list[str]:
-    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
-            "--placeholder_token", name, "--initializer_token", "cat", "--resolution", "64", "--report_to", "none",
-            "--validation_steps", "0", "--save_steps", "0", "--checkpointing_steps", "0", *extra]
 
 
 # ---------------------------------------------------------------- 2. file modes
@@ -30,7 +25,7 @@ def _argv(model: Path, data: Path, out: Path, *extra: str, name: str = "my-thing
 def test_every_file_a_run_writes_gets_the_mode_open_would_give(umask, tiny_sd1_path, training_images, tmp_path):
     previous = os.umask(umask)
     try:
-        code = main(_argv(tiny_sd1_path, training_images, tmp_path, "--max_train_steps", "2", "--save_steps", "1",
+        code = main(train_argv(tiny_sd1_path, training_images, tmp_path, "--max_train_steps", "2", "--save_steps", "1",
                           "--validation_steps", "2", "--validation_num_inference_steps", "1", "--checkpointing_steps",
                           "2", "--save_optimizer_state", "--log_csv_steps", "1", "--report_to", "tensorboard"))
     finally:
@@ -57,13 +52,13 @@ def _script(*argv: str) -> subprocess.CompletedProcess:
 
 
 def test_a_run_prints_no_install_advice_and_keeps_errors_on_stderr(tiny_sd1_path, training_images, tmp_path):
-    done = _script(*_argv(tiny_sd1_path, training_images, tmp_path / "ok", "--max_train_steps", "2"))
+    done = _script(*train_argv(tiny_sd1_path, training_images, tmp_path / "ok", "--max_train_steps", "2"))
     assert done.returncode == 0, done.stderr
     assert "bitsandbytes imported: False" in done.stdout
     for noise in ("torchvision", "pip install", "kernels", "Traceback"):
         assert noise not in done.stderr, done.stderr
     assert "Saved step 2" in done.stdout
-    bad = _script(*_argv(tiny_sd1_path, training_images, tmp_path / "bad", "--flip_p", "2"))
+    bad = _script(*train_argv(tiny_sd1_path, training_images, tmp_path / "bad", "--flip_p", "2"))
     assert bad.returncode == 2
     assert bad.stdout.strip() == "bitsandbytes imported: False"
     assert bad.stderr.strip() == "error: --flip_p must be in [0, 1], not 2.0"
@@ -108,9 +103,9 @@ def test_only_the_known_irrelevant_library_messages_are_dropped():
 
 def test_resume_from_checkpoint_latest_says_what_it_did(tiny_sd1_path, training_images, tmp_path, capsys):
     flags = ("--checkpointing_steps", "2", "--resume_from_checkpoint", "latest")
-    assert main(_argv(tiny_sd1_path, training_images, tmp_path, "--max_train_steps", "2", *flags)) == 0
+    assert main(train_argv(tiny_sd1_path, training_images, tmp_path, "--max_train_steps", "2", *flags)) == 0
     assert f"no checkpoint in {tmp_path}: starting at step 0" in capsys.readouterr().out.splitlines()
-    assert main(_argv(tiny_sd1_path, training_images, tmp_path, "--max_train_steps", "4", *flags)) == 0
+    assert main(train_argv(tiny_sd1_path, training_images, tmp_path, "--max_train_steps", "4", *flags)) == 0
     assert f"resumed from {tmp_path / 'checkpoint-2'} at step 2" in capsys.readouterr().out.splitlines()
 
 
@@ -179,7 +174,7 @@ def test_help_marks_required_flags_shows_each_default_once_and_helps_every_flag(
 
 
 def test_the_csv_gets_a_row_at_the_last_step(tiny_sd1_path, training_images, tmp_path):
-    assert main(_argv(tiny_sd1_path, training_images, tmp_path, "--max_train_steps", "3")) == 0  # --log_csv_steps 10
+    assert main(train_argv(tiny_sd1_path, training_images, tmp_path, "--max_train_steps", "3")) == 0  # --log_csv_steps 10
     rows = (tmp_path / "textual_inversion_loss.csv").read_text().splitlines()
     assert rows[0] == "step,epoch,epoch_step,loss,learn_rate" and [row.split(",")[0] for row in rows[1:]] == ["3"]
 
@@ -187,7 +182,7 @@ def test_the_csv_gets_a_row_at_the_last_step(tiny_sd1_path, training_images, tmp
 def test_convert_pt_to_safetensors_gives_the_file_training_wrote(tiny_sd1_path, training_images, tmp_path):
     from tinv_lib.embeddings.__main__ import main as embeddings_main
 
-    assert main(_argv(tiny_sd1_path, training_images, tmp_path, "--max_train_steps", "1")) == 0
+    assert main(train_argv(tiny_sd1_path, training_images, tmp_path, "--max_train_steps", "1")) == 0
     converted = tmp_path / "converted" / "my-thing.safetensors"
     converted.parent.mkdir()
     assert embeddings_main(["convert", str(tmp_path / "my-thing.pt"), str(converted)]) == 0
@@ -205,7 +200,7 @@ def test_the_readme_output_list_names_every_file_the_quickstart_writes(tiny_sd1_
     """The quickstart's flags (steps scaled down) and the README's list of results."""
     readme = (ROOT / "README.md").read_text()
     results = readme.split("Results, in `output/toy-concept/`:", 1)[1].split("\n## ", 1)[0]
-    argv = _argv(tiny_sd1_path, training_images, tmp_path, name="toy-concept")
+    argv = train_argv(tiny_sd1_path, training_images, tmp_path, name="toy-concept")
     argv = argv[:argv.index("--report_to")] + ["--max_train_steps", "4", "--validation_steps", "2", "--save_steps", "2",
                                                "--checkpointing_steps", "4", "--validation_num_inference_steps", "1"]
     assert main(argv) == 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from helpers_embeddings import tiny_pipeline
 
 from tinv_lib.generation.samplers import (
@@ -24,14 +23,7 @@ ISSUE_SAMPLERS = ["Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2M
                   "DPM++ 2S a", "DDIM", "UniPC"]
 STOCHASTIC = ["Euler a", "DPM2 a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE", "LCM"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run several times faster on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def image(pipe, sampler: str, seed: int = 1, steps: int = 2) -> np.ndarray:

@@ -3,14 +3,8 @@ prints their flags and exits 0, from any working directory."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import run_script
 
 SCRIPTS = {
     "train_textual_inversion.py": "--placeholder_token",
@@ -22,8 +16,6 @@ SCRIPTS = {
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_script_help(script, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = run_script(script, "--help", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: ") and SCRIPTS[script] in done.stdout

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import train_argv
 from PIL import Image
 
 from tinv_lib.embeddings.formats import load_embedding
@@ -14,8 +15,8 @@ from tinv_lib.training.textual_inversion import main
 
 
 def _argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
-            "--placeholder_token", "my-thing", "--initializer_token", "cat", "--resolution", "64", *extra]
+    """Every extra on: these tests look at what a full run writes."""
+    return train_argv(model, data, out, *extra, off=())
 
 
 def test_every_output_of_a_run(tiny_sd1_path, training_images, tmp_path):

@@ -1,0 +1,59 @@
+"""Plain helpers shared by several test files: training command lines, the frozen weights of a
+pipeline, running a top-level script.
+
+Fixtures live in `conftest.py`; plain functions live in `helpers*.py` modules beside the tests
+(`helpers_embeddings.py` for embedding files) and are imported by name, e.g.
+`from helpers import train_argv`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Flags that switch a run's extras off, by the name `train_argv(off=...)` uses for them.
+OFF_FLAGS = {
+    "report": ("--report_to", "none"),
+    "validation": ("--validation_steps", "0"),
+    "save": ("--save_steps", "0"),
+    "checkpointing": ("--checkpointing_steps", "0"),
+}
+QUIET = tuple(OFF_FLAGS)  # a run that only trains and writes its final file
+
+
+def train_argv(model: Path, data: Path, out: Path, *extra: str, name: str = "my-thing",
+               initializer: str | None = "cat", hypernetwork: bool = False,
+               off: tuple[str, ...] = QUIET) -> list[str]:
+    """The command line of a tiny training run at 64 px.
+
+    Textual inversion of `name` started from `initializer` (None: the trainer's default), or with
+    `hypernetwork` a hypernetwork called `name`; the extras named in `off` (see OFF_FLAGS) are
+    switched off; `extra` comes last, so it can switch any of them back on.
+    """
+    if hypernetwork:
+        who = ["--hypernetwork_name", name]
+    else:
+        who = ["--placeholder_token", name, *(["--initializer_token", initializer] if initializer is not None else [])]
+    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
+            *who, "--resolution", "64", *(flag for feature in off for flag in OFF_FLAGS[feature]), *extra]
+
+
+def frozen_state(pipe) -> dict[str, torch.Tensor]:
+    """A copy of every weight of the UNet, VAE and text encoder(s), keyed `unet.<key>`, `vae.<key>`,
+    `te.<key>`, `te2.<key>`: what training must leave untouched."""
+    modules = {"unet": pipe.unet, "vae": pipe.vae, "te": pipe.text_encoder, "te2": getattr(pipe, "text_encoder_2", None)}
+    return {f"{name}.{key}": value.detach().clone() for name, module in modules.items() if module is not None
+            for key, value in module.state_dict().items()}
+
+
+def run_script(script: str, *args: str, cwd: Path = ROOT, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run a top-level script (`preprocess.py`, ...) as a user does, offline, and capture its output."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
