@@ -4,7 +4,7 @@
 `docs/embeddings.md` describes the formats and rules.
 """
 
-from tinv_lib.embeddings.create import create_embedding, create_embedding_vectors, sanitize_name
+from tinv_lib.embeddings.create import create_embedding, create_embedding_vectors
 from tinv_lib.embeddings.database import EmbeddingDatabase
 from tinv_lib.embeddings.formats import (
     Embedding,
@@ -30,7 +30,6 @@ __all__ = [
     "create_embedding_vectors",
     "embedding_from_data",
     "load_embedding",
-    "sanitize_name",
     "save_bin",
     "save_embedding",
     "save_png_embedding",

@@ -15,17 +15,10 @@ from typing import Any
 import torch
 
 from tinv_lib.common.errors import TinvError
+from tinv_lib.common.names import sanitize_name
 from tinv_lib.embeddings.formats import SDXL_KEYS, Embedding
 
 MAX_VECTORS = 75  # one 75-token prompt chunk
-
-
-def sanitize_name(name: str) -> str:
-    """A1111's embedding-name filter: alphanumerics plus `.`, `_`, `-` and space."""
-    cleaned = "".join(ch for ch in name if ch.isalnum() or ch in "._- ").strip()
-    if not cleaned:
-        raise TinvError(f"embedding name {name!r} has no usable characters (letters, digits, . _ - space)")
-    return cleaned
 
 
 def _as_list(items: Any) -> list:
@@ -77,7 +70,7 @@ def create_embedding(
 ) -> Embedding:
     """A fresh (step 0) embedding named `name` (sanitized as A1111 does), ready to save or train."""
     return Embedding(
-        name=sanitize_name(name),
+        name=sanitize_name(name, "embedding"),
         vectors=create_embedding_vectors(tokenizers, text_encoders, init_text, num_vectors),
         step=0,
         sd_checkpoint=sd_checkpoint,

@@ -34,7 +34,6 @@ from tinv_lib.hypernetworks.module import (
     create_hypernetwork,
     make_options,
     parse_sizes,
-    sanitize_name,
 )
 from tinv_lib.hypernetworks.prompt import (
     extract_hypernetworks,
@@ -67,7 +66,6 @@ __all__ = [
     "parse_extra_networks",
     "parse_hypernet_tags",
     "parse_sizes",
-    "sanitize_name",
     "save_hypernetwork",
     "save_optimizer_sidecar",
 ]

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from tinv_lib.common.errors import TinvError
+from tinv_lib.common.names import sanitize_name
 
 WEIGHT_INITS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
 
@@ -251,14 +252,6 @@ class HypernetworkModule(nn.Module):
         return (hidden + self.linear(hidden) * scale).to(x.dtype)
 
 
-def sanitize_name(name: str) -> str:
-    """A1111's create rule: keep letters, digits and "._- "; an empty result is an error."""
-    cleaned = "".join(char for char in name if char.isalnum() or char in "._- ")
-    if not cleaned:
-        raise TinvError(f"hypernetwork name {name!r} is empty after removing characters other than letters, digits, '._- '")
-    return cleaned
-
-
 class Hypernetwork(nn.Module):
     """A named set of (k, v) module pairs, one pair per context width, plus the file metadata.
 
@@ -310,7 +303,7 @@ def create_hypernetwork(
     options.validate()
     if len(set(sizes)) != len(sizes) or not sizes or any(int(size) < 1 for size in sizes):
         raise TinvError(f"hypernetwork sizes {list(sizes)}: need one or more distinct positive widths")
-    network = Hypernetwork(sanitize_name(name), options)
+    network = Hypernetwork(sanitize_name(name, "hypernetwork"), options)
     with _seeded(seed):
         for size in sizes:
             network.add_size(int(size), HypernetworkModule(int(size), options), HypernetworkModule(int(size), options))

@@ -95,6 +95,14 @@ def inserted_vectors(text_encoder: Any, rows: list[tuple[int, int, torch.Tensor]
         handle.remove()
 
 
+def token_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Each text's token ids as prompts and embedding names are matched: without BOS/EOS and
+    without truncation (chunking handles length)."""
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+
+
 class _Encoder:
     """One tokenizer + text encoder pair and how its output is read."""
 
@@ -112,10 +120,7 @@ class _Encoder:
         )
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
-        """Ids without BOS/EOS and without truncation (chunking handles length)."""
-        if not texts:
-            return []
-        return self.tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        return token_ids(self.tokenizer, texts)
 
     def vectors_for(self, embedding: Any) -> torch.Tensor:
         """This encoder's rows of `embedding`, checked against the encoder's width."""
