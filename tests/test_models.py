@@ -90,6 +90,23 @@ def test_original_layout_key_names(tiny_sd1_path, tiny_sdxl_path, tmp_path):
     assert detect_architecture(xl_keys) == "sdxl" and detect_architecture(keys) == "sd1"
 
 
+def test_architecture_is_detected_alike_from_pipeline_folder_and_single_file(model_and_config, tmp_path):
+    from tinv_lib.models import architecture
+    from tinv_lib.models.family import family_of
+
+    arch, folder, config = model_and_config
+    pipe, _ = load_base_model(folder)
+    keys = read_checkpoint(write_single_file(pipe, tmp_path / "model.safetensors"))[0]
+    found = {
+        "pipeline": architecture.of_pipeline(pipe),
+        "folder": architecture.of_folder(folder),
+        "config folder": architecture.of_folder(config),
+        "single-file keys": architecture.of_checkpoint_keys(keys),
+    }
+    assert {where: a.name for where, a in found.items()} == dict.fromkeys(found, arch)
+    assert family_of(pipe).architecture is architecture.ARCHITECTURES[arch]
+
+
 def test_single_file_errors_are_one_line(tiny_sd1_path, tiny_sdxl_path, tmp_path):
     pipe, _ = load_base_model(tiny_sd1_path)
     single = write_single_file(pipe, tmp_path / "m.safetensors")

@@ -16,7 +16,8 @@ import torch
 
 from tinv_lib.common.errors import TinvError
 from tinv_lib.common.names import sanitize_name
-from tinv_lib.embeddings.formats import SDXL_KEYS, Embedding
+from tinv_lib.embeddings.formats import Embedding
+from tinv_lib.models.architecture import embedding_keys_for
 
 MAX_VECTORS = 75  # one 75-token prompt chunk
 
@@ -53,10 +54,11 @@ def create_embedding_vectors(
     if not 1 <= num_vectors <= MAX_VECTORS:
         raise TinvError(f"number of vectors must be between 1 and {MAX_VECTORS}, got {num_vectors}")
     tokenizers, text_encoders = _as_list(tokenizers), _as_list(text_encoders)
-    if len(tokenizers) != len(text_encoders) or len(tokenizers) not in (1, 2):
+    if len(tokenizers) != len(text_encoders):
         raise TinvError("give one tokenizer and text encoder (SD1/SD2) or two of each (SDXL)")
+    keys = embedding_keys_for(len(tokenizers))
     rows = [init_vectors(tok, enc, init_text, num_vectors) for tok, enc in zip(tokenizers, text_encoders)]
-    return rows[0] if len(rows) == 1 else dict(zip(SDXL_KEYS, rows))
+    return rows[0] if len(rows) == 1 else dict(zip(keys, rows))
 
 
 def create_embedding(

@@ -26,9 +26,8 @@ from typing import Any
 import torch
 
 from tinv_lib.common.errors import TinvError
-from tinv_lib.embeddings.formats import SDXL_KEYS, Vectors
-
-SINGLE_KEY = "emb_params"  # the key of an SD1/SD2 embedding's one tensor
+from tinv_lib.embeddings.formats import Vectors
+from tinv_lib.models.architecture import SINGLE_KEY, embedding_keys_for, of_folder
 
 BARELY_MOVED_COSINE = 0.98
 """The "barely moved" warning fires when every vector's cosine similarity to its init vector is
@@ -96,7 +95,7 @@ class Vocabulary:
 def vocabularies_of(tokenizers: Sequence[Any], text_encoders: Sequence[Any]) -> dict[str, Vocabulary]:
     """Vocabularies keyed as embedding vectors are: one tokenizer/encoder gives `emb_params`,
     two (SDXL, in pipeline order) give `clip_l` and `clip_g`."""
-    keys = [SINGLE_KEY] if len(text_encoders) == 1 else list(SDXL_KEYS)
+    keys = embedding_keys_for(len(text_encoders))
     return {key: Vocabulary.of_text_encoder(tok, enc) for key, tok, enc in zip(keys, tokenizers, text_encoders)}
 
 
@@ -111,14 +110,12 @@ def load_vocabularies(model: str | os.PathLike, model_config: str | os.PathLike 
 
         family = family_of(load_base_model(folder, model_config)[0])
         return vocabularies_of(family.tokenizers, family.text_encoders)
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
-    parts = [("tokenizer", "text_encoder", CLIPTextModel)]
-    if (folder / "text_encoder_2").is_dir():
-        parts.append(("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection))
+    slots = of_folder(folder).encoders
     try:
-        tokenizers = [CLIPTokenizer.from_pretrained(folder / tok) for tok, _, _ in parts]
-        encoders = [cls.from_pretrained(folder / enc) for _, enc, cls in parts]
+        tokenizers = [CLIPTokenizer.from_pretrained(folder / slot.tokenizer) for slot in slots]
+        encoders = [slot.model_class().from_pretrained(folder / slot.text_encoder) for slot in slots]
     except (OSError, ValueError) as error:
         raise TinvError(f"{folder}: cannot load its tokenizer and text encoder ({str(error).splitlines()[0]})") from None
     return vocabularies_of(tokenizers, encoders)

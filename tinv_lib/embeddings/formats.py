@@ -26,9 +26,9 @@ import torch
 
 from tinv_lib.common.errors import FileFormatError, TinvError
 from tinv_lib.common.torch_files import safe_torch_load, save_a1111_pt
+from tinv_lib.models.architecture import CLIP_G, SDXL_KEYS
 from tinv_lib.models.hashes import sha256_file
 
-SDXL_KEYS = ("clip_l", "clip_g")
 IMAGE_SUFFIXES = (".png", ".webp", ".jxl", ".avif")
 PICKLE_SUFFIXES = (".pt", ".bin")
 EMBEDDING_SUFFIXES = PICKLE_SUFFIXES + (".safetensors",) + IMAGE_SUFFIXES
@@ -68,7 +68,7 @@ class Embedding:
     def vector_count(self) -> int:
         """Prompt slots the embedding takes; for SDXL A1111 counts `clip_g` rows."""
         if isinstance(self.vectors, dict):
-            return int(self.vectors["clip_g"].shape[0])
+            return int(self.vectors[CLIP_G].shape[0])
         return int(self.vectors.shape[0])
 
     @property
@@ -191,7 +191,7 @@ def embedding_from_data(data: Any, name: str, where: str = "embedding") -> Embed
         if not isinstance(params, dict) or len(params) != 1:
             raise FileFormatError(f"{where}: embedding file has multiple terms in it (or none)")
         vectors: Vectors = _as_matrix(next(iter(params.values())), where)
-    elif "clip_g" in data and "clip_l" in data:
+    elif all(key in data for key in SDXL_KEYS):
         layout = "sdxl"
         vectors = {key: _as_matrix(data[key], f"{where} [{key}]") for key in SDXL_KEYS}
     elif data and isinstance(next(iter(data.values())), torch.Tensor):

@@ -37,6 +37,7 @@ from tinv_lib.embeddings.formats import (
     embedding_from_data,
     metadata_from_dict,
 )
+from tinv_lib.models.architecture import CLIP_L, SDXL_KEYS
 
 TEXT_CHUNK_KEY = "sd-ti-embedding"
 # Our own chunk for SDXL metadata: A1111 turns every value of a {clip_l, clip_g} dict into a
@@ -270,7 +271,7 @@ def default_picture(embedding: Embedding, size: int = 256) -> Image.Image:
 def image_payload(embedding: Embedding) -> dict:
     """What the image carries: the A1111 `.pt` dict, or `{clip_l, clip_g}` for SDXL."""
     if embedding.is_sdxl:
-        return {key: embedding.vectors[key].detach().to("cpu", torch.float32) for key in ("clip_l", "clip_g")}
+        return {key: embedding.vectors[key].detach().to("cpu", torch.float32) for key in SDXL_KEYS}
     return a1111_dict(embedding)
 
 
@@ -303,7 +304,7 @@ def save_png_embedding(
             f"{embedding.vector_count}v {steps}s",
         )
     data = image_payload(embedding)
-    pattern = data["clip_l"][0] if embedding.is_sdxl else data["string_to_param"]["*"][0]
+    pattern = data[CLIP_L][0] if embedding.is_sdxl else data["string_to_param"]["*"][0]
     wrapped = insert_data_blocks(picture, data, pattern)
     if extract_data_blocks(wrapped) is None:
         raise TinvError(f"{path}: the picture hides the embedding's data blocks; use another picture")

@@ -31,6 +31,7 @@ from tinv_lib.hypernetworks.module import (
     HypernetworkOptions,
     default_dropout_structure,
 )
+from tinv_lib.models.architecture import SINGLE_KEY
 from tinv_lib.models.hashes import old_model_hash, short_hash
 
 logger = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ def hypernetwork_from_dict(data: object, default_name: str) -> Hypernetwork:
     """
     if not isinstance(data, Mapping):
         raise TinvError(f"not a hypernetwork file (holds a {type(data).__name__}, not a dict)")
-    if "string_to_param" in data or "emb_params" in data:
+    if "string_to_param" in data or SINGLE_KEY in data:
         raise TinvError("this is a textual-inversion embedding, not a hypernetwork")
     sizes = _size_keys(data)
     if not sizes:

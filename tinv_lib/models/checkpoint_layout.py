@@ -20,11 +20,6 @@ Kind = Literal["same", "conv1x1", "qkv", "transpose"]
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-TEXT_PREFIXES = {
-    "sd1": ["cond_stage_model.transformer.text_model."],
-    "sd2": ["cond_stage_model.model."],
-    "sdxl": ["conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model."],
-}
 
 
 @dataclass(frozen=True)

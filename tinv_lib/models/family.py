@@ -1,9 +1,10 @@
-"""SD1 / SD2 / SDXL differences in one small strategy object.
+"""SD1 / SD2 / SDXL differences applied to one loaded pipeline.
 
-The training loop, the trainers and generation never branch on the architecture themselves:
-they ask the family for the text encoders and their widths, the embedding save layout, the UNet's
-extra conditioning (SDXL's pooled text and size ids) and the training target (eps or v, read
-from the model's own scheduler config).
+The facts live in `tinv_lib.models.architecture`; `ModelFamily` joins them to a pipeline so the
+training loop, the trainers, prompt encoding (and through it generation) never branch on the
+architecture themselves: they ask the family for the text encoders and their widths, the
+embedding keys, the UNet's extra conditioning (SDXL's pooled text and size ids) and the training
+target (eps or v, read from the model's own scheduler config).
 """
 
 from __future__ import annotations
@@ -12,35 +13,50 @@ from dataclasses import dataclass
 
 import torch
 
+from tinv_lib.models.architecture import SDXL, Architecture, of_pipeline
+
 
 @dataclass
 class ModelFamily:
     """The parts of a loaded pipeline that training needs, and how they differ by architecture."""
 
-    arch: str  # "sd1" | "sd2" | "sdxl"
+    architecture: Architecture
     pipe: object
 
     @property
+    def arch(self) -> str:
+        """"sd1" | "sd2" | "sdxl"."""
+        return self.architecture.name
+
+    @property
     def is_sdxl(self) -> bool:
-        return self.arch == "sdxl"
+        return self.architecture is SDXL
 
     @property
     def tokenizers(self) -> list:
-        return [self.pipe.tokenizer, self.pipe.tokenizer_2] if self.is_sdxl else [self.pipe.tokenizer]
+        return [getattr(self.pipe, slot.tokenizer) for slot in self.architecture.encoders]
 
     @property
     def text_encoders(self) -> list:
-        return [self.pipe.text_encoder, self.pipe.text_encoder_2] if self.is_sdxl else [self.pipe.text_encoder]
+        return [getattr(self.pipe, slot.text_encoder) for slot in self.architecture.encoders]
 
     @property
     def embedding_keys(self) -> list[str]:
         """Keys of the vectors per text encoder: A1111/kohya `clip_l`/`clip_g` for SDXL; a single
         tensor (saved as `emb_params`) for SD1/SD2."""
-        return ["clip_l", "clip_g"] if self.is_sdxl else ["emb_params"]
+        return list(self.architecture.embedding_keys)
 
     @property
     def widths(self) -> list[int]:
         return [encoder.get_input_embeddings().weight.shape[1] for encoder in self.text_encoders]
+
+    @property
+    def zero_empty_negative(self) -> bool:
+        """An empty negative prompt encodes as zeros (SDXL's `force_zeros_for_empty_prompt`,
+        on unless the pipeline's config turns it off); SD1/SD2 encode it as text."""
+        if not self.architecture.text_time_conditioning:
+            return False
+        return bool(getattr(self.pipe.config, "force_zeros_for_empty_prompt", True))
 
     @property
     def unet(self):
@@ -82,7 +98,7 @@ class ModelFamily:
         Training images are used whole at their training size, so original = target = that size
         and the crop is (0, 0): the same ids the SDXL pipeline uses when generating at that size.
         """
-        if not self.is_sdxl:
+        if not self.architecture.text_time_conditioning:
             return {}
         ids = torch.tensor([[h, w, 0, 0, h, w] for (w, h) in sizes], device=device, dtype=dtype)
         return {"added_cond_kwargs": {"text_embeds": pooled.to(device, dtype), "time_ids": ids}}
@@ -90,6 +106,4 @@ class ModelFamily:
 
 def family_of(pipe) -> ModelFamily:
     """The family of a loaded pipeline."""
-    from tinv_lib.models.loading import pipeline_architecture
-
-    return ModelFamily(pipeline_architecture(pipe), pipe)
+    return ModelFamily(of_pipeline(pipe), pipe)

@@ -12,7 +12,6 @@ optional), never from the hub, which is what `from_single_file` would otherwise 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -20,22 +19,25 @@ from pathlib import Path
 
 import torch
 
-from tinv_lib.common.errors import TinvError
 from tinv_lib.models import checkpoint_layout as layout
+from tinv_lib.models.architecture import (
+    Architecture,
+    ModelLoadError,
+    of_checkpoint_keys,
+    of_folder,
+    of_pipeline,
+    read_json,
+)
 from tinv_lib.models.hashes import model_name, old_model_hash, sha256_file
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
-
-
-class ModelLoadError(TinvError):
-    """The base model cannot be found, read or matched to its configuration."""
 
 
 @dataclass
 class ModelInfo:
     """What kind of model was loaded, and its identity as A1111 records it."""
 
-    arch: str  # "sd1" | "sd2" | "sdxl"
+    arch: str  # "sd1" | "sd2" | "sdxl": the name of an `Architecture`
     prediction_type: str  # "epsilon" | "v_prediction"
     path: Path
     name: str = field(init=False)
@@ -63,17 +65,8 @@ class ModelInfo:
 
 
 def detect_architecture(keys) -> str:
-    """SD1 / SD2 / SDXL from original-layout key names (A1111's and diffusers' markers)."""
-    keys = list(keys)
-    if any(k.startswith("conditioner.embedders.1.model.") for k in keys):
-        return "sdxl"
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise ModelLoadError("this looks like an SDXL refiner, which has no prompt encoder to train for")
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd2"
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "sd1"
-    raise ModelLoadError("not a Stable Diffusion checkpoint (no known text-encoder keys)")
+    """"sd1" / "sd2" / "sdxl" from original-layout key names (rule: `architecture.of_checkpoint_keys`)."""
+    return of_checkpoint_keys(keys).name
 
 
 def _probe_v_prediction(unet) -> bool:
@@ -96,24 +89,6 @@ def _marked_prediction(state: dict, metadata: dict) -> str | None:
     if marked:
         return "v_prediction" if marked.startswith("v") else "epsilon"
     return None
-
-
-def _folder_architecture(folder: Path) -> str:
-    index = _read_json(folder / "model_index.json")
-    if "text_encoder_2" in index:
-        return "sdxl"
-    # OpenAI CLIP-L (SD1) uses quick_gelu; OpenCLIP-H (SD2) uses gelu.
-    text_config = _read_json(folder / "text_encoder" / "config.json")
-    return "sd1" if text_config.get("hidden_act", "quick_gelu") == "quick_gelu" else "sd2"
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelLoadError(f"{path}: missing (is {path.parent} a diffusers model folder?)") from None
-    except ValueError as error:
-        raise ModelLoadError(f"{path}: not valid JSON ({error})") from None
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -139,25 +114,15 @@ def load_base_model(
     raise ModelLoadError(f"{path}: no such model folder or file")
 
 
-def _pipeline_class(arch: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
-
-
-def _extra_kwargs(arch: str) -> dict:
-    return {} if arch == "sdxl" else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-
-
 def _load_folder(folder: Path, dtype: torch.dtype | None):
-    arch = _folder_architecture(folder)
+    arch = of_folder(folder)
     try:
-        pipe = _pipeline_class(arch).from_pretrained(folder, torch_dtype=dtype, **_extra_kwargs(arch))
+        pipe = arch.pipeline_class().from_pretrained(folder, torch_dtype=dtype, **arch.pipeline_kwargs())
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"{folder}: cannot load diffusers model ({str(error).splitlines()[0]})") from None
     pipe.set_progress_bar_config(disable=True)
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
-    return pipe, ModelInfo(arch, prediction, folder)
+    return pipe, ModelInfo(arch.name, prediction, folder)
 
 
 def _load_hub(repo_id: str, dtype: torch.dtype | None):
@@ -195,16 +160,16 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _load_single_file(path: Path, model_config: str | os.PathLike | None, dtype: torch.dtype | None):
     state, metadata = read_checkpoint(path)
-    arch = detect_architecture(state)
+    arch = of_checkpoint_keys(state)
     if model_config is None:
         raise ModelLoadError(
-            f"{path}: a single-file {arch.upper()} checkpoint needs --model_config DIR "
+            f"{path}: a single-file {arch.label} checkpoint needs --model_config DIR "
             "(a diffusers folder of the same architecture; only its configs and tokenizers are read)"
         )
     config_dir = Path(model_config)
-    config_arch = _folder_architecture(config_dir)
+    config_arch = of_folder(config_dir)
     if config_arch != arch:
-        raise ModelLoadError(f"{path}: the weights are {arch.upper()} but {config_dir} is a {config_arch.upper()} config")
+        raise ModelLoadError(f"{path}: the weights are {arch.label} but {config_dir} is a {config_arch.label} config")
     components = _empty_components(config_dir, arch)
     for name, rules in _component_rules(components, arch).items():
         converted = layout.from_original(rules, state, f"{path} ({name})")
@@ -214,71 +179,55 @@ def _load_single_file(path: Path, model_config: str | os.PathLike | None, dtype:
             raise ModelLoadError(f"{path} ({name}): does not fit {config_dir}: {str(error).splitlines()[0]}") from None
     prediction = _marked_prediction(state, metadata)
     if prediction is None:
-        prediction = "v_prediction" if arch == "sd2" and _probe_v_prediction(components["unet"]) else "epsilon"
+        prediction = "v_prediction" if arch.probe_v_prediction and _probe_v_prediction(components["unet"]) else "epsilon"
     scheduler_class = type(components["scheduler"])
     components["scheduler"] = scheduler_class.from_config(components["scheduler"].config, prediction_type=prediction)
-    pipe = _pipeline_class(arch)(**components, **_extra_kwargs(arch))
+    pipe = arch.pipeline_class()(**components, **arch.pipeline_kwargs())
     if dtype is not None:
         pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    return pipe, ModelInfo(arch, prediction, path)
+    return pipe, ModelInfo(arch.name, prediction, path)
 
 
-def _empty_components(config_dir: Path, arch: str) -> dict:
+def _empty_components(config_dir: Path, arch: Architecture) -> dict:
     """Models built from configs without allocating random weights; tokenizers and scheduler."""
     import diffusers
     from accelerate import init_empty_weights
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTokenizer
 
     def config(sub: str) -> dict:
-        return _read_json(config_dir / sub / "config.json")
+        return read_json(config_dir / sub / "config.json")
 
     with init_empty_weights():
         components = {
             "unet": diffusers.UNet2DConditionModel.from_config(config("unet")),
             "vae": diffusers.AutoencoderKL.from_config(config("vae")),
-            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder")),
         }
-        if arch == "sdxl":
-            components["text_encoder_2"] = CLIPTextModelWithProjection(
-                CLIPTextConfig.from_pretrained(config_dir / "text_encoder_2")
-            )
-    components["tokenizer"] = CLIPTokenizer.from_pretrained(config_dir / "tokenizer")
-    if arch == "sdxl":
-        components["tokenizer_2"] = CLIPTokenizer.from_pretrained(config_dir / "tokenizer_2")
-    scheduler_config = _read_json(config_dir / "scheduler" / "scheduler_config.json")
+        for slot in arch.encoders:
+            text_config = CLIPTextConfig.from_pretrained(config_dir / slot.text_encoder)
+            components[slot.text_encoder] = slot.model_class()(text_config)
+    for slot in arch.encoders:
+        components[slot.tokenizer] = CLIPTokenizer.from_pretrained(config_dir / slot.tokenizer)
+    scheduler_config = read_json(config_dir / "scheduler" / "scheduler_config.json")
     scheduler_class = getattr(diffusers, scheduler_config.get("_class_name", "DDIMScheduler"))
     components["scheduler"] = scheduler_class.from_config(scheduler_config)
     return components
 
 
-def _component_rules(components: dict, arch: str) -> dict[str, list[layout.KeyRule]]:
+def _component_rules(components: dict, arch: Architecture) -> dict[str, list[layout.KeyRule]]:
     """Key rules for every weighted component of a pipeline of architecture `arch`."""
     unet, vae = components["unet"], components["vae"]
     rules = {
         "unet": layout.unet_rules(list(unet.state_dict()), unet.config),
         "vae": layout.vae_rules(list(vae.state_dict()), vae.config),
     }
-    text_prefixes = layout.TEXT_PREFIXES[arch]
-    if arch == "sd2":
-        rules["text_encoder"] = layout.open_clip_rules(list(components["text_encoder"].state_dict()), text_prefixes[0])
-    else:
-        rules["text_encoder"] = layout.hf_clip_rules(list(components["text_encoder"].state_dict()), text_prefixes[0])
-    if arch == "sdxl":
-        rules["text_encoder_2"] = layout.open_clip_rules(
-            list(components["text_encoder_2"].state_dict()), text_prefixes[1]
-        )
+    for slot in arch.encoders:
+        text_rules = layout.open_clip_rules if slot.open_clip else layout.hf_clip_rules
+        rules[slot.text_encoder] = text_rules(list(components[slot.text_encoder].state_dict()), slot.checkpoint_prefix)
     return rules
 
 
 # ---------------------------------------------------------------------------------- writing
-
-
-def pipeline_architecture(pipe) -> str:
-    """"sd1" / "sd2" / "sdxl" of a loaded pipeline (same rule as for folders)."""
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        return "sdxl"
-    return "sd1" if pipe.text_encoder.config.hidden_act == "quick_gelu" else "sd2"
 
 
 def write_single_file(pipe, path: str | os.PathLike) -> Path:
@@ -289,9 +238,9 @@ def write_single_file(pipe, path: str | os.PathLike) -> Path:
     from tinv_lib.common.atomic import atomic_path
 
     path = Path(path)
-    arch = pipeline_architecture(pipe)
-    names = ("unet", "vae", "text_encoder", "text_encoder_2")
-    components = {name: getattr(pipe, name, None) for name in names}
+    arch = of_pipeline(pipe)
+    names = ["unet", "vae", *(slot.text_encoder for slot in arch.encoders)]
+    components = {name: getattr(pipe, name) for name in names}
     original: dict[str, torch.Tensor] = {}
     for name, rules in _component_rules(components, arch).items():
         state = {k: v.detach().cpu().contiguous() for k, v in components[name].state_dict().items()}

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 
 from tinv_lib.common.errors import TinvError
+from tinv_lib.models.architecture import Architecture
+from tinv_lib.models.family import ModelFamily, family_of
 from tinv_lib.prompts.syntax import (
     CHUNK_LENGTH,
     COMMA_BACKTRACK,
@@ -35,8 +37,6 @@ from tinv_lib.prompts.syntax import (
     chunk_prompt,
     empty_chunk,
 )
-
-SDXL_KEYS = ("clip_l", "clip_g")
 
 
 @dataclass
@@ -146,13 +146,15 @@ class _Encoder:
 class PromptEncoder:
     """A1111 prompt encoding for SD1, SD2 and SDXL pipelines.
 
-    `emphasis` is A1111's mode: `Original` (default), `No norm`, `Ignore` or `None` (brackets
-    are literal text). `zero_empty_negative` gives an empty negative prompt all-zero embeds, as
-    SDXL does (A1111 and diffusers' `force_zeros_for_empty_prompt`).
+    `architecture` says how many encoders there are, which hidden state is the prompt and
+    whether there is pooled text. `emphasis` is A1111's mode: `Original` (default), `No norm`,
+    `Ignore` or `None` (brackets are literal text). `zero_empty_negative` gives an empty negative
+    prompt all-zero embeds, as SDXL does (A1111 and diffusers' `force_zeros_for_empty_prompt`).
     """
 
     def __init__(
         self,
+        architecture: Architecture,
         tokenizers: Sequence[Any],
         text_encoders: Sequence[Any],
         emphasis: str = "Original",
@@ -161,28 +163,31 @@ class PromptEncoder:
     ) -> None:
         if emphasis not in EMPHASIS_MODES:
             raise TinvError(f"unknown emphasis mode {emphasis!r} (choose from {', '.join(EMPHASIS_MODES)})")
-        if len(tokenizers) != len(text_encoders) or len(tokenizers) not in (1, 2):
-            raise TinvError("a prompt encoder needs one tokenizer and text encoder (SD1/SD2) or two (SDXL)")
-        self.sdxl = len(tokenizers) == 2
-        keys: Sequence[str | None] = SDXL_KEYS if self.sdxl else (None,)
+        if not len(tokenizers) == len(text_encoders) == len(architecture.encoders):
+            raise TinvError(f"a {architecture.label} prompt encoder needs {len(architecture.encoders)} tokenizer(s) "
+                            "and text encoder(s)")
+        self.architecture = architecture
+        # A single encoder's embedding vectors are a bare tensor, not a dict: no key to look up.
+        keys = architecture.embedding_keys if architecture.keyed_vectors else (None,)
         self.encoders = [_Encoder(tok, enc, key, comma_backtrack) for tok, enc, key in zip(tokenizers, text_encoders, keys)]
         self.emphasis = emphasis
         self.zero_empty_negative = zero_empty_negative
 
     @classmethod
+    def from_family(cls, family: ModelFamily, emphasis: str = "Original") -> PromptEncoder:
+        """The encoder for the pipeline of a `ModelFamily`."""
+        return cls(family.architecture, family.tokenizers, family.text_encoders, emphasis,
+                   zero_empty_negative=family.zero_empty_negative)
+
+    @classmethod
     def from_pipeline(cls, pipe: Any, emphasis: str = "Original") -> PromptEncoder:
         """The encoder for a diffusers `StableDiffusionPipeline` or `StableDiffusionXLPipeline`."""
-        if getattr(pipe, "text_encoder_2", None) is not None:
-            zero = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", True))
-            return cls([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2], emphasis, zero_empty_negative=zero)
-        return cls([pipe.tokenizer], [pipe.text_encoder], emphasis)
+        return cls.from_family(family_of(pipe), emphasis)
 
     @property
     def expected_dim(self) -> int | dict[str, int]:
         """The embedding width this model takes: an int, or `{clip_l, clip_g}` for SDXL."""
-        if self.sdxl:
-            return {encoder.key: encoder.width for encoder in self.encoders}
-        return self.encoders[0].width
+        return self.architecture.embedding_dim([encoder.width for encoder in self.encoders])
 
     def chunks(self, prompt: str, embeddings: Mapping[str, Any] | None = None) -> list[list[PromptChunk]]:
         """The A1111 chunks of `prompt`, one list per text encoder."""
@@ -208,7 +213,7 @@ class PromptEncoder:
                 if position == 0 and chunk_pooled is not None:
                     pooled = chunk_pooled
             outputs.append(torch.cat(pieces, dim=1))
-        return EncodedPrompts(torch.cat(outputs, dim=-1), pooled if self.sdxl else None, used)
+        return EncodedPrompts(torch.cat(outputs, dim=-1), pooled if self.architecture.text_time_conditioning else None, used)
 
     def _encode_chunk(self, encoder: _Encoder, chunks: list[PromptChunk], used: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One chunk position for the whole batch: insert vectors, encode, apply emphasis."""
@@ -222,9 +227,9 @@ class PromptEncoder:
                     used.append(fix.embedding)
         tokens = encoder.token_tensor(chunks)
         with inserted_vectors(encoder.text_encoder, rows):
-            output = encoder.text_encoder(tokens, output_hidden_states=self.sdxl)
-        z = output.hidden_states[-2] if self.sdxl else output[0]
-        pooled = getattr(output, "text_embeds", None) if self.sdxl else None
+            output = encoder.text_encoder(tokens, output_hidden_states=self.architecture.penultimate_hidden_state)
+        z = output.hidden_states[-2] if self.architecture.penultimate_hidden_state else output[0]
+        pooled = getattr(output, "text_embeds", None) if self.architecture.text_time_conditioning else None
         multipliers = torch.tensor([chunk.multipliers for chunk in chunks], device=z.device)
         return apply_emphasis(z, multipliers, self.emphasis), pooled
 
@@ -240,7 +245,7 @@ class PromptEncoder:
             uncond = self.encode([negative_prompt], embeddings)
         embeds, negative = pad_to_same_length(cond.embeds, uncond.embeds)
         inputs = {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
-        if self.sdxl:
+        if self.architecture.text_time_conditioning:
             inputs["pooled_prompt_embeds"] = cond.pooled
             inputs["negative_pooled_prompt_embeds"] = uncond.pooled
         used = cond.used + [emb for emb in uncond.used if all(emb is not seen for seen in cond.used)]

@@ -1,0 +1,207 @@
+"""What SD1, SD2 and SDXL are made of, and how to tell them apart: the one place that knows.
+
+Every difference between the three generations that some module has to act on is a field of
+`Architecture`: which text encoders there are (pipeline attributes, their keys in embedding
+files, where their weights live in single-file checkpoints and in which CLIP layout), how the
+prompt is read from them, whether the UNet also takes SDXL's pooled text and size ids, and
+which diffusers pipeline holds them. Detection is here too, with the same answer from the three
+places a model can be seen: single-file checkpoint keys, a diffusers folder's configs, a loaded
+pipeline. Everything else asks; nothing else compares architecture names or counts encoders.
+
+This module imports neither torch nor diffusers at import time, so file-format code can take
+the embedding keys from here without loading models.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tinv_lib.common.errors import TinvError
+
+# Keys of an embedding's vectors in files: A1111/kohya name SDXL's two encoders `clip_l` and
+# `clip_g`; a single-encoder embedding saved as a bare tensor is stored under `emb_params`.
+SINGLE_KEY = "emb_params"
+CLIP_L = "clip_l"
+CLIP_G = "clip_g"
+
+_OPENAI_CLIP_ACTIVATION = "quick_gelu"  # OpenAI CLIP-L (SD1) uses it; OpenCLIP (SD2) uses gelu
+_SDXL_CONDITIONER = "conditioner.embedders."  # SDXL-style checkpoints (base and refiner)
+
+
+class ModelLoadError(TinvError):
+    """The base model cannot be found, read, recognised or matched to its configuration.
+
+    Defined beside detection (and re-exported by `loading`) so that an unrecognised model and an
+    unreadable one reach the user as the same kind of one-line error."""
+
+
+@dataclass(frozen=True)
+class TextEncoderSlot:
+    """One tokenizer + text encoder pair of an architecture, as each format names it."""
+
+    embedding_key: str  # key of this encoder's vectors in embedding files
+    tokenizer: str  # pipeline attribute and sub-folder of a diffusers model
+    text_encoder: str  # pipeline attribute and sub-folder of a diffusers model
+    checkpoint_prefix: str  # where its weights live in a single-file (original layout) checkpoint
+    open_clip: bool  # OpenCLIP layout in single files (fused q/k/v); else OpenAI CLIP's
+    with_projection: bool  # has the text projection that gives SDXL's pooled text
+
+    def model_class(self) -> Any:
+        """The transformers class of this text encoder."""
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        return CLIPTextModelWithProjection if self.with_projection else CLIPTextModel
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One Stable Diffusion generation, described by what differs between generations."""
+
+    name: str  # "sd1" | "sd2" | "sdxl": ModelInfo.arch, messages, training metadata
+    encoders: tuple[TextEncoderSlot, ...]  # in pipeline order
+    checkpoint_marker: str  # key prefix that identifies it in a single-file checkpoint
+    penultimate_hidden_state: bool  # prompt embeds are the second-to-last layer's output
+    text_time_conditioning: bool  # the UNet also takes pooled text and size ids (`text_time`)
+    probe_v_prediction: bool  # single files come as eps or v without saying which (SD2)
+    pipeline_class_name: str  # the diffusers pipeline class
+    has_safety_checker: bool  # the pipeline class expects a safety checker (never loaded here)
+
+    @property
+    def label(self) -> str:
+        """The name as users read it: SD1, SD2, SDXL."""
+        return self.name.upper()
+
+    @property
+    def embedding_keys(self) -> tuple[str, ...]:
+        """The key of each encoder's vectors, in pipeline order."""
+        return tuple(slot.embedding_key for slot in self.encoders)
+
+    @property
+    def keyed_vectors(self) -> bool:
+        """Embedding vectors are a dict by key (two encoders), not one bare tensor."""
+        return len(self.encoders) > 1
+
+    def embedding_dim(self, widths: list[int]) -> int | dict[str, int]:
+        """The embedding width this model takes, in the form `Embedding.dim` has: an int, or
+        `{clip_l: .., clip_g: ..}` for two encoders."""
+        return dict(zip(self.embedding_keys, widths)) if self.keyed_vectors else widths[0]
+
+    def pipeline_class(self) -> Any:
+        """The diffusers pipeline class (imported on first use)."""
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class_name)
+
+    def pipeline_kwargs(self) -> dict:
+        """Extra arguments when building its pipeline: SD1/SD2 pipelines would otherwise want
+        a safety checker and its feature extractor, which are never loaded."""
+        if not self.has_safety_checker:
+            return {}
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
+SD1 = Architecture(
+    name="sd1",
+    encoders=(TextEncoderSlot(SINGLE_KEY, "tokenizer", "text_encoder", "cond_stage_model.transformer.text_model.",
+                              open_clip=False, with_projection=False),),
+    checkpoint_marker="cond_stage_model.transformer.",
+    penultimate_hidden_state=False,
+    text_time_conditioning=False,
+    probe_v_prediction=False,
+    pipeline_class_name="StableDiffusionPipeline",
+    has_safety_checker=True,
+)
+SD2 = Architecture(
+    name="sd2",
+    encoders=(TextEncoderSlot(SINGLE_KEY, "tokenizer", "text_encoder", "cond_stage_model.model.",
+                              open_clip=True, with_projection=False),),
+    checkpoint_marker="cond_stage_model.model.",
+    penultimate_hidden_state=False,  # the diffusers config already drops the last layer
+    text_time_conditioning=False,
+    probe_v_prediction=True,
+    pipeline_class_name="StableDiffusionPipeline",
+    has_safety_checker=True,
+)
+SDXL = Architecture(
+    name="sdxl",
+    encoders=(
+        TextEncoderSlot(CLIP_L, "tokenizer", "text_encoder", "conditioner.embedders.0.transformer.text_model.",
+                        open_clip=False, with_projection=False),
+        TextEncoderSlot(CLIP_G, "tokenizer_2", "text_encoder_2", "conditioner.embedders.1.model.",
+                        open_clip=True, with_projection=True),
+    ),
+    checkpoint_marker="conditioner.embedders.1.model.",
+    penultimate_hidden_state=True,
+    text_time_conditioning=True,
+    probe_v_prediction=False,
+    pipeline_class_name="StableDiffusionXLPipeline",
+    has_safety_checker=False,
+)
+ARCHITECTURES = {arch.name: arch for arch in (SD1, SD2, SDXL)}
+SDXL_KEYS = SDXL.embedding_keys  # ("clip_l", "clip_g"): the two-encoder embedding form
+
+
+def embedding_keys_for(encoder_count: int) -> tuple[str, ...]:
+    """Keys of an embedding's vectors for a model with this many text encoders (SD1 and SD2
+    share one form, so the count alone decides)."""
+    for arch in ARCHITECTURES.values():
+        if len(arch.encoders) == encoder_count:
+            return arch.embedding_keys
+    raise TinvError("give one tokenizer and text encoder (SD1/SD2) or two of each (SDXL)")
+
+
+# ------------------------------------------------------------------------------- detection
+
+
+def _from_text_encoders(has_second_encoder: bool, first_activation: str) -> Architecture:
+    """The rule folders and pipelines share: a second text encoder means SDXL; otherwise the
+    first encoder's activation tells OpenAI CLIP (SD1) from OpenCLIP (SD2)."""
+    if has_second_encoder:
+        return SDXL
+    return SD1 if first_activation == _OPENAI_CLIP_ACTIVATION else SD2
+
+
+def of_pipeline(pipe: Any) -> Architecture:
+    """The architecture of a loaded diffusers pipeline."""
+    second = getattr(pipe, SDXL.encoders[1].text_encoder, None) is not None
+    return _from_text_encoders(second, pipe.text_encoder.config.hidden_act)
+
+
+def of_folder(folder: Path) -> Architecture:
+    """The architecture of a diffusers folder, from its configs alone (no weights read)."""
+    index = read_json(folder / "model_index.json")
+    if SDXL.encoders[1].text_encoder in index:
+        return SDXL  # read no further: SDXL's first encoder is OpenAI CLIP too
+    text_config = read_json(folder / SD1.encoders[0].text_encoder / "config.json")
+    return _from_text_encoders(False, text_config.get("hidden_act", _OPENAI_CLIP_ACTIVATION))
+
+
+def of_checkpoint_keys(keys: Iterable[str]) -> Architecture:
+    """The architecture of a single-file checkpoint from its key names (A1111's markers)."""
+    keys = list(keys)
+
+    def has(prefix: str) -> bool:
+        return any(key.startswith(prefix) for key in keys)
+
+    if has(SDXL.checkpoint_marker):
+        return SDXL
+    if has(_SDXL_CONDITIONER):
+        raise ModelLoadError("this looks like an SDXL refiner, which has no prompt encoder to train for")
+    for arch in (SD2, SD1):
+        if has(arch.checkpoint_marker):
+            return arch
+    raise ModelLoadError("not a Stable Diffusion checkpoint (no known text-encoder keys)")
+
+
+def read_json(path: Path) -> dict:
+    """A config file of a diffusers folder, with one-line errors."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: missing (is {path.parent} a diffusers model folder?)") from None
+    except ValueError as error:
+        raise ModelLoadError(f"{path}: not valid JSON ({error})") from None
