@@ -130,25 +130,12 @@ def _help_lines(parser) -> dict[str, str]:
 
 
 def _parsers():
-    import preprocess
+    from tinv_lib.preprocessing.cli import build_parser as preprocess_parser
     from tinv_lib.training.hypernetwork import build_parser as hypernetwork_parser
     from tinv_lib.training.textual_inversion import build_parser as embedding_parser
 
-    preprocess_parser = []
-    original = preprocess.argparse.ArgumentParser.parse_args
-
-    def capture(self, *args, **kwargs):  # preprocess builds its parser inside parse_args
-        preprocess_parser.append(self)
-        raise SystemExit(0)
-
-    preprocess.argparse.ArgumentParser.parse_args = capture
-    try:
-        with pytest.raises(SystemExit):
-            preprocess.parse_args([])
-    finally:
-        preprocess.argparse.ArgumentParser.parse_args = original
     return {"train_textual_inversion": embedding_parser(), "train_hypernetwork": hypernetwork_parser(),
-            "preprocess": preprocess_parser[0]}
+            "preprocess": preprocess_parser()}
 
 
 def test_help_marks_required_flags_shows_each_default_once_and_helps_every_flag():
