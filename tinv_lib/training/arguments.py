@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tinv_lib.common.cli_help import HelpFormatter, mark_required
 from tinv_lib.training.data import BUILTIN_TEMPLATES
+from tinv_lib.training.optimizers import OPTIMIZERS
 from tinv_lib.training.preflight import ArgumentError, check_training_arguments
 
 __all__ = ["ArgumentError", "HelpFormatter", "add_model_arguments", "add_training_arguments", "mark_required",
@@ -24,7 +25,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model_config", help="config folder for a single-file checkpoint (any diffusers folder of the same architecture)")
 
 
-def add_training_arguments(parser: argparse.ArgumentParser, default_lr: str, default_template: str) -> None:
+def add_training_arguments(parser: argparse.ArgumentParser, default_lr: str, default_template: str,
+                           default_weight_decay: float) -> None:
     """Data, optimisation, outputs and resume: every flag both trainers share."""
     data = parser.add_argument_group("data")
     data.add_argument("--train_data_dir", help="folder of training images (.txt caption sidecars optional)")
@@ -34,6 +36,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_lr: str, def
     data.add_argument("--filename_join_string", default=" ", help="joins the --filename_word_regex matches")
     data.add_argument("--shuffle_tags", action="store_true", help="shuffle the caption's comma-separated tags")
     data.add_argument("--tag_dropout", type=float, default=0.0, help="drop each caption tag with this probability")
+    data.add_argument("--caption_dropout", type=float, default=0.0,
+                      help="leave the whole caption ([filewords]) out with this probability; [name] stays (kohya)")
     data.add_argument("--resolution", type=int, default=512, help="training size (side of a square; area for buckets)")
     data.add_argument("--aspect_mode", choices=["buckets", "crop", "stretch"], default="buckets",
                       help="non-square images: aspect buckets, centre crop to a square, or stretch (A1111)")
@@ -47,6 +51,18 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_lr: str, def
                       help="VAE posterior: one fixed sample, its mean, or a fresh sample every step")
     data.add_argument("--latent_cache_dir", help="also keep the latent cache on disk here (reused across runs)")
     data.add_argument("--offload_vae", action="store_true", help="keep the VAE on the CPU after caching; move it back only for previews")
+    data.add_argument("--validation_split", type=float, default=0.0,
+                      help="hold this share of the images out of training for the validation loss")
+    data.add_argument("--validation_data_dir", help="held-out images for the validation loss (instead of --validation_split)")
+    data.add_argument("--validation_loss_steps", type=int, default=100,
+                      help="validation loss every N steps, when there are held-out images")
+
+    loss = parser.add_argument_group("loss and noise")
+    loss.add_argument("--snr_gamma", type=float, default=None, help="min-SNR-γ loss weighting (e.g. 5; default: off)")
+    loss.add_argument("--noise_offset", type=float, default=0.0, help="add this times a random constant per channel to the noise")
+    loss.add_argument("--min_timestep", type=int, default=0, help="train on timesteps from this one (kohya)")
+    loss.add_argument("--max_timestep", type=int, default=None,
+                      help="train on timesteps below this one (default: the scheduler's number of timesteps)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--learning_rate", default=default_lr, help='a float or an A1111 schedule "0.005:100, 1e-3:1000, 1e-5"')
@@ -58,10 +74,20 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_lr: str, def
     optim.add_argument("--max_train_steps", type=int, default=3000, help="optimizer steps (never exceeded, also when resuming)")
     optim.add_argument("--max_grad_norm", help="clip the gradient norm (a float or schedule string), after unscaling")
     optim.add_argument("--clip_grad_value", help="clip gradient values (a float or schedule string), after unscaling")
-    optim.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW")
-    optim.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
-    optim.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
-    optim.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    optim.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw",
+                       help="adamw, adamw8bit (bitsandbytes), prodigy (prodigyopt: use --learning_rate 1), "
+                            "adafactor (transformers), schedulefree_adamw (schedulefree)")
+    optim.add_argument("--optimizer_args", nargs="*", default=None, metavar="KEY=VALUE",
+                       help='further constructor arguments, e.g. "d_coef=2" "safeguard_warmup=True"')
+    optim.add_argument("--use_8bit_adam", action="store_true", help="same as --optimizer adamw8bit")
+    optim.add_argument("--adam_beta1", type=float, default=0.9, help="beta1 (AdamW, 8-bit AdamW, Prodigy, schedule-free)")
+    optim.add_argument("--adam_beta2", type=float, default=0.999, help="beta2 (AdamW, 8-bit AdamW, Prodigy, schedule-free)")
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8, help="epsilon (AdamW, 8-bit AdamW, Prodigy, schedule-free)")
+    optim.add_argument("--adam_weight_decay", type=float, default=default_weight_decay,
+                       help=f"weight decay (default: {default_weight_decay}, as A1111)")
+    optim.add_argument("--ema_decay", type=float, default=None,
+                       help="keep an exponential moving average of the trainables (e.g. 0.999; warm-up included)")
+    optim.add_argument("--save_ema", action="store_true", help="saved files and previews hold the moving average")
     optim.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward to save memory")
     optim.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                        help="default: what `accelerate launch` / the accelerate config says")
@@ -82,8 +108,11 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_lr: str, def
     out.add_argument("--validation_guidance_scale", type=float, default=7.0,
                      help="preview CFG scale (default: 7.0, as A1111; small models such as models/toy want about 4)")
     out.add_argument("--log_csv_steps", type=int, default=10, help="a loss CSV row every N steps")
-    out.add_argument("--report_to", choices=["tensorboard", "none"], default="tensorboard",
-                     help="log loss, learning rate and previews to TensorBoard (in <output_dir>/logs)")
+    out.add_argument("--report_to", choices=["tensorboard", "wandb", "all", "none"], default="tensorboard",
+                     help="log loss, learning rate and previews to TensorBoard (in <output_dir>/logs), Weights & "
+                          "Biases (needs `pip install wandb`; WANDB_MODE=offline keeps it local), or all of them")
+    out.add_argument("--tracker_project_name", default=None,
+                     help="wandb project (default: $WANDB_PROJECT, else tinv); the run is named after the output folder")
     out.add_argument("--checkpointing_steps", type=int, default=500, help="resumable checkpoint every N steps (0: off)")
     out.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints (default: all)")
     out.add_argument("--resume_from_checkpoint", help='"latest" (the newest in --output_dir, if any) or a checkpoint folder')

@@ -44,7 +44,9 @@ class SampleSettings:
     flip_p: float
     latent_sampling: str
     latent_scale: float
-    num_train_timesteps: int
+    timesteps: tuple[int, int]  # timesteps are drawn from [first, last) (`--min_timestep`, `--max_timestep`)
+    noise_offset: float = 0.0  # `--noise_offset`: a random constant per sample and channel added to the noise
+    caption_dropout: float = 0.0  # `--caption_dropout`: probability that `[filewords]` is left empty
 
 
 def seed_torch_for(settings: SampleSettings, micro_index: int, rank: int) -> None:
@@ -65,7 +67,8 @@ def build_micro_batch(
 def _sample(image: TrainingImage, index: int, position: int, k: int, settings: SampleSettings):
     s = settings
     text_rng = random.Random(seeded(s.seed, Stream.PROMPT, k, position))
-    prompt = build_prompt(text_rng.choice(s.templates), image.caption, s.name, text_rng, s.shuffle_tags, s.tag_dropout)
+    caption = "" if _drops_caption(s, k, position) else image.caption
+    prompt = build_prompt(text_rng.choice(s.templates), caption, s.name, text_rng, s.shuffle_tags, s.tag_dropout)
     flip = random.Random(seeded(s.seed, Stream.FLIP, k, position)).random() < s.flip_p
     mean, std = image.latents[flip]
     once = torch.randn(mean.shape, generator=_generator(s.seed, Stream.LATENT_ONCE, index, int(flip)))
@@ -73,9 +76,19 @@ def _sample(image: TrainingImage, index: int, position: int, k: int, settings: S
     latent = sample_latent(mean, std, s.latent_sampling, once, fresh) * s.latent_scale
     generator = _generator(s.seed, Stream.NOISE_AND_TIMESTEP, k, position)
     noise = torch.randn(mean.shape, generator=generator)
-    timestep = torch.randint(0, s.num_train_timesteps, (1,), generator=generator)
+    timestep = torch.randint(*s.timesteps, (1,), generator=generator)
+    if s.noise_offset:
+        offset = torch.randn((mean.shape[0], 1, 1), generator=_generator(s.seed, Stream.NOISE_OFFSET, k, position))
+        noise = noise + s.noise_offset * offset
     weight = image.weight.flip(-1) if (image.weight is not None and flip) else image.weight
     return latent, noise, timestep, prompt, weight if weight is not None else torch.ones(mean.shape[1:])
+
+
+def _drops_caption(settings: SampleSettings, k: int, position: int) -> bool:
+    """Whole-caption dropout (kohya's `caption_dropout_rate`): the template's `[name]` stays."""
+    if not settings.caption_dropout:
+        return False
+    return random.Random(seeded(settings.seed, Stream.CAPTION_DROPOUT, k, position)).random() < settings.caption_dropout
 
 
 def _generator(*parts: int) -> torch.Generator:

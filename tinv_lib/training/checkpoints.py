@@ -2,7 +2,8 @@
 
 A checkpoint folder `checkpoint-<step>/` holds only what the run cannot recompute: the trainable
 tensors (kilobytes for an embedding, not the whole text encoder as in the diffusers example),
-the optimizer state (8-bit states included), the fp16 grad-scaler state and `state.json`
+the optimizer state (8-bit states included), the fp16 grad-scaler state, the moving average
+with `--ema_decay` and `state.json`
 (step, start step, what is trained). Data order, noise and the learning rate are functions of
 the step (see `tinv_lib.training.data`), so no RNG state is needed.
 
@@ -43,6 +44,7 @@ class CheckpointState:
     tensors: dict[str, torch.Tensor]
     optimizer: dict
     scaler: dict | None
+    ema: tuple[dict[str, torch.Tensor], int] | None = None  # moving average and its update count
 
 
 def save_checkpoint(output_dir: Path, state: CheckpointState, keep_last: int | None = None) -> Path:
@@ -60,6 +62,10 @@ def save_checkpoint(output_dir: Path, state: CheckpointState, keep_last: int | N
     if state.scaler is not None:
         save_a1111_pt(state.scaler, partial / "scaler.pt")
     meta = {"step": state.step, "start_step": state.start_step, "kind": state.kind, "name": state.name}
+    if state.ema is not None:
+        average, meta["ema_updates"] = state.ema
+        with atomic_path(partial / "ema.safetensors") as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in average.items()}, str(tmp))
     (partial / "state.json").write_text(json.dumps(meta, indent=1))
     if final.exists():
         stale = output_dir / f".checkpoint-{state.step}.stale-{os.getpid()}"
@@ -111,7 +117,7 @@ def load_checkpoint(path: Path, kind: str) -> CheckpointState:
     meta = json.loads((path / "state.json").read_text())
     if meta.get("kind") != kind:
         raise CheckpointError(f"{path}: a {meta.get('kind')} checkpoint cannot resume {kind} training")
-    scaler_file = path / "scaler.pt"
+    scaler_file, ema_file = path / "scaler.pt", path / "ema.safetensors"
     return CheckpointState(
         step=int(meta["step"]),
         start_step=int(meta.get("start_step", 0)),
@@ -120,4 +126,5 @@ def load_checkpoint(path: Path, kind: str) -> CheckpointState:
         tensors=load_file(str(path / "trainable.safetensors")),
         optimizer=safe_torch_load(path / "optimizer.pt"),
         scaler=safe_torch_load(scaler_file) if scaler_file.is_file() else None,
+        ema=(load_file(str(ema_file)), int(meta["ema_updates"])) if ema_file.is_file() else None,
     )

@@ -343,6 +343,10 @@ class Stream(IntEnum):
     LATENT_ONCE = 5  # per image and flip: `--latent_sampling once`, the same for the whole run
     FLIP = 6  # per sample: `--flip_p`
     TORCH_GLOBAL = 7  # per micro-batch and rank: torch's global generator (dropout in the modules)
+    NOISE_OFFSET = 8  # per sample: `--noise_offset`
+    CAPTION_DROPOUT = 9  # per sample: `--caption_dropout`
+    VALIDATION = 10  # per held-out image: the fixed noise of the validation loss
+    VALIDATION_SPLIT = 11  # once: which images `--validation_split` holds out
 
 
 

@@ -9,6 +9,7 @@ conditioning the same way).
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from tinv_lib.training.arguments import (
     mark_required,
     parse_with_config,
 )
+from tinv_lib.training.optimizers import sidecar_name
 from tinv_lib.training.preflight import require_file
 
 KIND = "hypernetwork"
@@ -60,8 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--activate_output", action="store_true", help="activation after the last linear too")
     group.add_argument("--sizes", default="", help="context widths to cover (default: every k/v width of the model)")
     group.add_argument("--resume_from_hypernetwork", help="continue training this .pt (its step count continues)")
-    add_training_arguments(parser, default_lr="0.00001", default_template="hypernetwork")
-    group.add_argument("--adam_weight_decay", type=float, default=0.01, help="AdamW weight decay (default: 0.01, torch's, as in A1111)")
+    add_training_arguments(parser, default_lr="0.00001", default_template="hypernetwork", default_weight_decay=0.01)
     mark_required(parser, REQUIRED)
     return parser
 
@@ -102,8 +103,7 @@ class HypernetworkTask:
         self.family, self.model_info = family, model_info
         if args.resume_from_hypernetwork:
             self.network = load_hypernetwork(args.resume_from_hypernetwork)
-            saved = load_optimizer_sidecar(args.resume_from_hypernetwork)
-            self.optimizer_state = saved.state_dict if saved else None
+            self.optimizer_state = _matching_optimizer_state(args.resume_from_hypernetwork, args.optimizer)
             self.resumed_from = Path(args.resume_from_hypernetwork)
         else:
             options = _create_options(args)
@@ -168,7 +168,7 @@ class HypernetworkTask:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_hypernetwork(self.network, path)
         if optimizer_state is not None:
-            save_optimizer_sidecar(path, optimizer_state, "AdamW8bit" if self.args.use_8bit_adam else "AdamW")
+            save_optimizer_sidecar(path, optimizer_state, sidecar_name(self.args.optimizer))
         return [path]
 
     def describe_saved(self, step: int, final: bool, logger) -> None:
@@ -184,6 +184,18 @@ class HypernetworkTask:
                             width=r.size[0], height=r.size[1], batch_size=r.count, encoder=self.prompt_encoder).images
         save_previews(pictures, r.output_dir, self.name, r.step)
         return pictures
+
+
+def _matching_optimizer_state(path: str, optimizer: str) -> dict | None:
+    """The sidecar's optimizer state if it was saved by the optimizer this run uses (A1111 checks the name too)."""
+    saved = load_optimizer_sidecar(path)
+    if saved is None:
+        return None
+    if saved.name != sidecar_name(optimizer):
+        print(f"notice: {path}.optim holds {saved.name} state, not {sidecar_name(optimizer)}; "
+              "starting with a fresh optimizer", file=sys.stderr)
+        return None
+    return saved.state_dict
 
 
 def _bytes_of(tensors: tuple[torch.Tensor | None, ...]) -> int:

@@ -1,7 +1,11 @@
-"""What a run reports: progress bar, A1111 loss CSV, TensorBoard scalars and preview images, and
-the scalars and CSV tables a task adds (textual inversion's embedding diagnostics).
+"""What a run reports: progress bar, A1111 loss CSV, scalars and preview images for the trackers
+`--report_to` chooses (TensorBoard, Weights & Biases, both), and the scalars and CSV tables a task
+adds (textual inversion's embedding diagnostics).
 
-Only the main process writes. The CSV keeps A1111's columns (`step, epoch, epoch_step, loss,
+Only the main process writes. TensorBoard goes to `<output_dir>/logs` through torch's
+`SummaryWriter`; wandb goes through accelerate's `WandBTracker` (project `--tracker_project_name`,
+else `$WANDB_PROJECT`, else "tinv"; run name: the output folder's name; `$WANDB_DIR` defaults to
+the output folder, so an offline run lands in `<output_dir>/wandb/`). The CSV keeps A1111's columns (`step, epoch, epoch_step, loss,
 learn_rate`); on resume, rows after the resumed step (written before a kill) are dropped so the
 file reads as one uninterrupted run.
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,10 +22,16 @@ from pathlib import Path
 from tinv_lib.common.atomic import atomic_write_text
 
 CSV_COLUMNS = ["step", "epoch", "epoch_step", "loss", "learn_rate"]
+DEFAULT_PROJECT = "tinv"
+
+
+def chosen_trackers(report_to: str) -> set[str]:
+    """The trackers a `--report_to` value names: "all" is TensorBoard and wandb."""
+    return {"tensorboard", "wandb"} if report_to == "all" else {report_to} - {"none"}
 
 
 class RunLogger:
-    """Progress, CSV and TensorBoard for one run."""
+    """Progress, CSV and the chosen trackers for one run."""
 
     def __init__(self, output_dir: Path, kind: str, args, is_main: bool, steps_per_epoch: int,
                  resume_step: int | None = None):
@@ -32,6 +43,7 @@ class RunLogger:
         self.csv_path = output_dir / f"{kind}_loss.csv"
         self.tables_started: set[str] = set()
         self.writer = None
+        self.wandb = None
         self.bar = None
         self.last_time = time.perf_counter()
         self.window: list[float] = []
@@ -40,10 +52,13 @@ class RunLogger:
         output_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.csv_path.is_file():
             _truncate_csv(self.csv_path, resume_step, len(CSV_COLUMNS))
-        if args.report_to == "tensorboard":
+        trackers = chosen_trackers(args.report_to)
+        if "tensorboard" in trackers:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(output_dir / "logs"))
+        if "wandb" in trackers:
+            self.wandb = _start_wandb(output_dir, args)
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=args.max_train_steps, initial=resume_step or 0, desc=kind, dynamic_ncols=True)
@@ -59,11 +74,8 @@ class RunLogger:
         self.window = (self.window + [loss])[-100:]
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rate:.3g}")
-        if self.writer is not None:
-            self.writer.add_scalar("train/loss", loss, step)
-            self.writer.add_scalar("train/lr", rate, step)
-            self.writer.add_scalar("train/grad_norm", grad_norm, step)
-            self.writer.add_scalar("train/it_per_s", speed, step)
+        self._scalars(step, {"train/loss": loss, "train/lr": rate, "train/grad_norm": grad_norm,
+                             "train/it_per_s": speed})
         if self.csv_every and (step % self.csv_every == 0 or last):
             new = not self.csv_path.is_file()
             with open(self.csv_path, "a", newline="") as handle:
@@ -83,10 +95,16 @@ class RunLogger:
             print(text, file=sys.stderr, flush=True)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        """TensorBoard scalars a task reports beside the loop's own (tag -> value)."""
-        if self.active and self.writer is not None:
+        """Scalars a task reports beside the loop's own (tag -> value), to every tracker."""
+        if self.active:
+            self._scalars(step, values)
+
+    def _scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
+        if self.wandb is not None and values:
+            self.wandb.log({tag: float(value) for tag, value in values.items()}, step=step)
 
     def table(self, name: str, columns: list[str], rows: list[list]) -> None:
         """Append a task's rows to the CSV `<output_dir>/<name>` (first column: the step). As for
@@ -106,20 +124,48 @@ class RunLogger:
             out.writerows(rows)
 
     def images(self, step: int, pictures: list, prompt: str, seconds: float) -> None:
-        """Log preview images to TensorBoard."""
-        if not self.active or self.writer is None or not pictures:
+        """Log preview images to every tracker: TensorBoard's `preview/<index>` images and
+        `preview/prompt` text; wandb's `preview` image list and `preview/prompt` text."""
+        if not self.active or not pictures:
             return
-        import numpy as np
+        if self.writer is not None:
+            import numpy as np
 
-        for index, picture in enumerate(pictures):
-            self.writer.add_image(f"preview/{index}", np.asarray(picture.convert("RGB")), step, dataformats="HWC")
-        self.writer.add_text("preview/prompt", prompt, step)
+            for index, picture in enumerate(pictures):
+                self.writer.add_image(f"preview/{index}", np.asarray(picture.convert("RGB")), step, dataformats="HWC")
+            self.writer.add_text("preview/prompt", prompt, step)
+        if self.wandb is not None:
+            self.wandb.log_images({"preview": [picture.convert("RGB") for picture in pictures]}, step=step)
+            self.wandb.log({"preview/prompt": prompt}, step=step)
 
     def close(self) -> None:
+        """Close the bar and the trackers; a second call does nothing."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _start_wandb(output_dir: Path, args):
+    """accelerate's `WandBTracker`, started, with the run's flags as its config. wandb's own
+    settings (`WANDB_MODE`, `WANDB_ENTITY`, ...) keep working; an explicit `WANDB_DIR` wins over
+    the output folder."""
+    from accelerate.tracking import WandBTracker
+
+    project = getattr(args, "tracker_project_name", None) or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
+    options = {"name": output_dir.resolve().name}
+    if not os.environ.get("WANDB_DIR"):
+        options["dir"] = str(output_dir)
+    tracker = WandBTracker(project, **options)
+    tracker.start()
+    tracker.store_init_configuration({key: value if value is None or isinstance(value, (bool, int, float, str))
+                                      else str(value) for key, value in vars(args).items()})
+    return tracker
 
 
 def _truncate_csv(path: Path, step: int, width: int) -> None:

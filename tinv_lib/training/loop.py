@@ -17,14 +17,14 @@ ranks always agree on what happens next.
 
 from __future__ import annotations
 
-import copy
 import datetime
 import json
 import math
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,14 +45,18 @@ from tinv_lib.training.data import (
     load_template,
 )
 from tinv_lib.training.distributed import average_gradients
+from tinv_lib.training.ema import ExponentialMovingAverage
 from tinv_lib.training.frozen_model import load_frozen_model
 from tinv_lib.training.logs import RunLogger
 from tinv_lib.training.lr_schedule import ScheduleString, build_schedule
-from tinv_lib.training.optimizers import build_optimizer
+from tinv_lib.training.objective import sample_weights
+from tinv_lib.training.optimizers import build_optimizer, evaluation_mode
 from tinv_lib.training.signals import StopRequest
 from tinv_lib.training.task import PreviewRequest, TrainingHooks, TrainingRun, TrainingTask
+from tinv_lib.training.validation import split_off, validation_batches
 
 EXIT_NAN = 3
+VALIDATION_CSV = "validation_loss.csv"
 MAX_ROLLBACKS = 10  # with --on_nan rollback: give up after this many (e.g. NaN in the data itself)
 
 
@@ -93,8 +97,8 @@ def _set_up(args, task: TrainingTask) -> TrainingRun:
     family, model_info = load_frozen_model(args.pretrained_model_name_or_path, args.model_config, device,
                                            weight_dtype, args.gradient_checkpointing)
     file_step = task.setup(family, model_info, args, device)
-    images, templates, messages = _load_data(args, task, family, model_info, device)
-    world = accelerator.num_processes
+    images, held_out, templates, messages = _load_data(args, task, family, model_info, device)
+    world, noise_scheduler = accelerator.num_processes, family.noise_scheduler()
     batch = min(args.train_batch_size, max(1, len(images) // world))
     plan = BatchPlan([im.size for im in images], batch * world, args.gradient_accumulation_steps, args.seed)
     params = task.parameters()
@@ -105,12 +109,10 @@ def _set_up(args, task: TrainingTask) -> TrainingRun:
         accelerator.scaler.load_state_dict(resumed.scaler)
     schedule = build_schedule(args.learning_rate, args.max_train_steps, resumed.start_step, args.lr_scheduler,
                               args.lr_warmup_steps)
-    noise_scheduler = family.noise_scheduler()
+    samples = _sample_settings(args, task, family, templates, noise_scheduler)
     run = TrainingRun(
         args=args, task=task, accelerator=accelerator, family=family, model_info=model_info,
-        weight_dtype=weight_dtype, output_dir=output_dir, images=images, plan=plan, batch=batch,
-        samples=SampleSettings(args.seed, templates, task.name, args.shuffle_tags, args.tag_dropout, args.flip_p,
-                               args.latent_sampling, family.latent_scale, noise_scheduler.config.num_train_timesteps),
+        weight_dtype=weight_dtype, output_dir=output_dir, images=images, plan=plan, batch=batch, samples=samples,
         params=params, optimizer=optimizer, schedule=schedule,
         clip_norm=_clip_schedule(args.max_grad_norm, args.max_train_steps, resumed.start_step),
         clip_value=_clip_schedule(args.clip_grad_value, args.max_train_steps, resumed.start_step),
@@ -118,11 +120,36 @@ def _set_up(args, task: TrainingTask) -> TrainingRun:
         logger=RunLogger(output_dir, task.kind, args, accelerator.is_main_process, plan.steps_per_epoch,
                          resume_step=resumed.step if resumed.checkpoint else None),
         start_step=resumed.start_step, step=resumed.step, end_step=min(args.max_train_steps, schedule.end_step),
-        previews_on=bool(args.validation_steps),
+        previews_on=bool(args.validation_steps), ema=_moving_average(args, task, resumed),
+        validation=validation_batches(held_out, templates[0], task.name, samples.timesteps[1], family.latent_scale),
     )
     if run.is_main:
         _announce(run, messages, file_step, resumed.checkpoint)
     return run
+
+
+def _sample_settings(args, task: TrainingTask, family, templates: list[str], noise_scheduler) -> SampleSettings:
+    """What the samples depend on besides the images; the timestep range checked against the model."""
+    last = noise_scheduler.config.num_train_timesteps
+    if args.max_timestep is not None and args.max_timestep > last:
+        raise TinvError(f"--max_timestep {args.max_timestep}: this model has {last} timesteps")
+    if args.min_timestep >= (args.max_timestep or last):
+        raise TinvError(f"--min_timestep {args.min_timestep}: this model has {last} timesteps")
+    return SampleSettings(args.seed, templates, task.name, args.shuffle_tags, args.tag_dropout, args.flip_p,
+                          args.latent_sampling, family.latent_scale, (args.min_timestep, args.max_timestep or last),
+                          args.noise_offset, args.caption_dropout)
+
+
+def _moving_average(args, task: TrainingTask, resumed: _Resumed) -> ExponentialMovingAverage | None:
+    """`--ema_decay`: the average continues the checkpoint's, or starts at the current weights."""
+    if args.ema_decay is None:
+        return None
+    ema = ExponentialMovingAverage(task.state_tensors(), args.ema_decay)
+    if resumed.ema is not None:
+        ema.load_state(*resumed.ema)
+    elif resumed.checkpoint is not None:
+        print(f"notice: {resumed.checkpoint} holds no moving average; it starts at step {resumed.step}", file=sys.stderr)
+    return ema
 
 
 def _fresh_accelerator(mixed_precision: str | None):
@@ -143,21 +170,30 @@ def _weight_dtype(mixed_precision: str) -> torch.dtype:
 
 
 def _load_data(args, task: TrainingTask, family, model_info, device):
-    """(images with their latents cached, template lines, messages for the user)."""
+    """(training images and held-out images, with their latents cached; template lines; messages)."""
     templates = load_template(args.template_file)
-    masks = MaskOptions(Path(args.mask_dir) if args.mask_dir else None, args.unmasked_weight)
-    images, skipped, notices = load_images(
-        Path(args.train_data_dir), args.resolution, family.size_multiple, args.aspect_mode,
-        args.use_alpha_as_loss_weight, family.latent_factor, args.filename_word_regex, args.filename_join_string, masks,
-    )
+    images, skipped, notices = _read_images(args, family, Path(args.train_data_dir))
+    held_out = []
+    if args.validation_data_dir:
+        held_out, more_skipped, _ = _read_images(args, family, Path(args.validation_data_dir))
+        skipped += more_skipped
+    elif args.validation_split:
+        images, held_out = split_off(images, args.validation_split, args.seed)
     task.check_prompts([build_prompt(t, im.caption, task.name, random.Random(0), False, 0.0) for im in images for t in templates])
     flips = (False, True) if args.flip_p > 0 else (False,)
     cache_dir = Path(args.latent_cache_dir) if args.latent_cache_dir else None
     encode_latents(images, family.vae, flips, device, torch.float32, cache_dir, model_info.short_hash)
+    encode_latents(held_out, family.vae, (False,), device, torch.float32, cache_dir, model_info.short_hash)
     if args.offload_vae:
         family.vae.to("cpu")
     messages = [f"skipped {line}" for line in skipped] + [f"notice: {line}" for line in notices]
-    return images, templates, messages
+    return images, held_out, templates, messages
+
+
+def _read_images(args, family, folder: Path):
+    masks = MaskOptions(Path(args.mask_dir) if args.mask_dir else None, args.unmasked_weight)
+    return load_images(folder, args.resolution, family.size_multiple, args.aspect_mode, args.use_alpha_as_loss_weight,
+                       family.latent_factor, args.filename_word_regex, args.filename_join_string, masks)
 
 
 @dataclass
@@ -166,6 +202,7 @@ class _Resumed:
     step: int
     start_step: int
     scaler: dict | None = None
+    ema: tuple[dict, int] | None = None  # (average, updates)
 
 
 def _resume(args, task: TrainingTask, optimizer, output_dir: Path, file_step: int) -> _Resumed:
@@ -179,7 +216,7 @@ def _resume(args, task: TrainingTask, optimizer, output_dir: Path, file_step: in
     state = ckpt.load_checkpoint(path, task.kind)
     task.load_state_tensors(state.tensors)
     optimizer.load_state_dict(state.optimizer)
-    return _Resumed(path, state.step, state.start_step, state.scaler)
+    return _Resumed(path, state.step, state.start_step, state.scaler, state.ema)
 
 
 def _clip_schedule(text: str | None, max_steps: int, start_step: int) -> ScheduleString | None:
@@ -260,15 +297,16 @@ def _accumulate(run: TrainingRun) -> tuple[float, list[str]]:
         _, members = run.plan.batch(k)
         mine = list(enumerate(members))[run.rank * run.batch:(run.rank + 1) * run.batch]
         micro_batch = build_micro_batch(run.images, mine, k, run.samples)
-        loss = _loss(run, micro_batch)
+        loss = _loss(run, micro_batch, run.args.snr_gamma)
         run.accelerator.backward(loss / accumulation)
         loss_sum += loss.item() / accumulation
         prompts = micro_batch.prompts
     return loss_sum, prompts
 
 
-def _loss(run: TrainingRun, batch: MicroBatch) -> torch.Tensor:
-    """The weighted MSE between the UNet's prediction and the family's training target."""
+def _loss(run: TrainingRun, batch: MicroBatch, snr_gamma: float | None) -> torch.Tensor:
+    """The MSE between the UNet's prediction and the family's training target, weighted per
+    pixel (masks, alpha) and, with `snr_gamma`, per sample (`objective`)."""
     device, dtype, family = run.device, run.weight_dtype, run.family
     latents, noise, timesteps = batch.latents.to(device), batch.noise.to(device), batch.timesteps.to(device)
     noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -277,8 +315,11 @@ def _loss(run: TrainingRun, batch: MicroBatch) -> torch.Tensor:
         extra = family.unet_extra(pooled, batch.sizes, device, dtype)
         prediction = family.unet(noisy.to(dtype), timesteps, hidden.to(dtype), **extra).sample
     target = family.training_target(run.noise_scheduler, latents, noise, timesteps)
-    per_element = F.mse_loss(prediction.float(), target.float(), reduction="none")
-    return (per_element * batch.weights.to(device)[:, None]).mean()
+    per_element = F.mse_loss(prediction.float(), target.float(), reduction="none") * batch.weights.to(device)[:, None]
+    per_sample = sample_weights(run.noise_scheduler, timesteps, snr_gamma)
+    if per_sample is not None:
+        per_element = per_element * per_sample[:, None, None, None]
+    return per_element.mean()
 
 
 def _mix_across_processes(accelerator, params, loss_sum: float, bad: bool, stop: bool) -> tuple[float, bool, bool]:
@@ -304,9 +345,7 @@ def _roll_back(run: TrainingRun, loss: float, rate: float) -> bool:
             print(f"error: loss became {loss} at step {run.step}: the learning rate ({rate}) is likely too high"
                   f"{fp16}; {gave_up}stopped without saving over the last good files", file=sys.stderr)
         return False
-    run.step, tensors, optimizer_state = run.snapshot
-    run.task.load_state_tensors(tensors)
-    run.optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+    run.restore_snapshot()
     run.lr_multiplier *= 0.5
     run.logger.notice(f"notice: loss became {loss}; rolled back to step {run.step}, "
                       f"learning rate now x{run.lr_multiplier}")
@@ -324,6 +363,8 @@ def _optimizer_step(run: TrainingRun, rate: float) -> float:
         group["lr"] = rate * run.lr_multiplier
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update(run.task.state_tensors())
     run.step += 1
     return grad_norm
 
@@ -332,10 +373,13 @@ def _after_step(run: TrainingRun, prompts: list[str], final: bool) -> None:
     """Intermediate files, previews and checkpoints that fall on this step."""
     args, step = run.args, run.step
     if args.save_steps and step % args.save_steps == 0 and not final and run.is_main:
-        _save_files(run, final=False)
-        run.task.describe_saved(step, False, run.logger)
+        with _saved_weights(run):
+            _save_files(run, final=False)
+            run.task.describe_saved(step, False, run.logger)
     if run.previews_on and step % args.validation_steps == 0:
         run.previews_on = _preview(run, prompts[0] if prompts else run.task.name)
+    if run.validation and (step % args.validation_loss_steps == 0 or final) and run.is_main:
+        _log_validation_loss(run)
     if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or final):
         if run.is_main:
             _save_checkpoint(run)
@@ -350,11 +394,13 @@ def _finish(run: TrainingRun, exit_code: int) -> int:
     """The final files (not after a NaN: the last good files stay), then close the run."""
     run.task.set_training(False)
     if exit_code != EXIT_NAN and run.is_main:
-        written = _save_files(run, final=True)
+        with _saved_weights(run):
+            written = _save_files(run, final=True)
         if exit_code:
             print(f"Training interrupted at step {run.step}; resume with --resume_from_checkpoint latest", file=sys.stderr)
         print(f"Saved step {run.step}: {', '.join(str(path) for path in written)}")
-        run.task.describe_saved(run.step, True, run.logger)
+        with _saved_weights(run):
+            run.task.describe_saved(run.step, True, run.logger)
     run.logger.close()
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
@@ -369,7 +415,9 @@ def _save_files(run: TrainingRun, final: bool) -> list[Path]:
 
 def _save_after_crash(run: TrainingRun) -> list[Path]:
     """After a crash: the trained file(s) as `<name>.pt` (marked with the step) and a checkpoint."""
-    return [*_save_files(run, final=True), _save_checkpoint(run)]
+    with _saved_weights(run):
+        written = _save_files(run, final=True)
+    return [*written, _save_checkpoint(run)]
 
 
 def _save_checkpoint(run: TrainingRun) -> Path:
@@ -377,9 +425,38 @@ def _save_checkpoint(run: TrainingRun) -> Path:
     state = ckpt.CheckpointState(
         step=run.step, start_step=run.start_step, kind=run.task.kind, name=run.task.name,
         tensors=run.task.state_tensors(), optimizer=run.optimizer.state_dict(),
-        scaler=scaler.state_dict() if scaler else None,
+        scaler=scaler.state_dict() if scaler else None, ema=run.ema.state() if run.ema else None,
     )
     return ckpt.save_checkpoint(run.output_dir, state, run.args.checkpoints_total_limit)
+
+
+@contextmanager
+def _saved_weights(run: TrainingRun) -> Iterator[None]:
+    """The trainables as saved files and previews show them: schedule-free's evaluation weights,
+    or the moving average with `--save_ema`; the training weights are back afterwards."""
+    with evaluation_mode(run.optimizer):
+        if run.ema is None or not run.args.save_ema:
+            yield
+            return
+        training = {name: tensor.clone() for name, tensor in run.task.state_tensors().items()}
+        run.task.load_state_tensors(run.ema.average)
+        try:
+            yield
+        finally:
+            run.task.load_state_tensors(training)
+
+
+def _log_validation_loss(run: TrainingRun) -> None:
+    """The held-out images' loss at fixed noise and timesteps, of the weights files would hold."""
+    run.task.set_training(False)
+    try:
+        with _saved_weights(run), torch.no_grad():
+            losses = [_loss(run, batch, None).item() for batch in run.validation]
+    finally:
+        run.task.set_training(True)
+    loss = sum(losses) / len(losses)
+    run.logger.scalars(run.step, {"loss/validation": loss})
+    run.logger.table(VALIDATION_CSV, ["step", "validation_loss"], [[run.step, f"{loss:.7f}"]])
 
 
 def _preview(run: TrainingRun, training_prompt: str) -> bool:
@@ -393,15 +470,16 @@ def _preview(run: TrainingRun, training_prompt: str) -> bool:
     if args.offload_vae:
         family.vae.to(family.unet.device)
     run.task.set_training(False)
+    request = PreviewRequest(
+        prompt=args.validation_prompt or training_prompt, negative=args.validation_negative_prompt,
+        seed=args.validation_seed if args.validation_seed is not None else args.seed + run.step,
+        steps=args.validation_num_inference_steps, cfg_scale=args.validation_guidance_scale,
+        size=(args.resolution, args.resolution), count=args.num_validation_images,
+        output_dir=run.output_dir, step=run.step)
     try:
-        request = PreviewRequest(
-            prompt=args.validation_prompt or training_prompt, negative=args.validation_negative_prompt,
-            seed=args.validation_seed if args.validation_seed is not None else args.seed + run.step,
-            steps=args.validation_num_inference_steps, cfg_scale=args.validation_guidance_scale,
-            size=(args.resolution, args.resolution), count=args.num_validation_images,
-            output_dir=run.output_dir, step=run.step)
         started = time.perf_counter()
-        pictures = run.task.preview(family, request)
+        with _saved_weights(run):
+            pictures = run.task.preview(family, request)
         run.logger.images(run.step, pictures, request.prompt, time.perf_counter() - started)
     except Exception as error:  # noqa: BLE001 - any failure of a preview, see the docstring
         run.logger.notice(preview_notice(error, run.step))

@@ -17,8 +17,9 @@ from tinv_lib.common.errors import TinvError
 
 PIPELINE_MULTIPLE = 8  # diffusers' SD and SDXL pipelines refuse image sides that are not multiples of 8
 POSITIVE = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "resolution",
-            "num_validation_images", "validation_num_inference_steps")
-ZERO_OR_POSITIVE = ("save_steps", "validation_steps", "checkpointing_steps", "log_csv_steps", "lr_warmup_steps")
+            "num_validation_images", "validation_num_inference_steps", "validation_loss_steps")
+ZERO_OR_POSITIVE = ("save_steps", "validation_steps", "checkpointing_steps", "log_csv_steps", "lr_warmup_steps",
+                    "min_timestep")
 
 
 class ArgumentError(TinvError):
@@ -29,9 +30,12 @@ def check_training_arguments(args: argparse.Namespace) -> None:
     """Every check of the flags both trainers share; raise `ArgumentError` on the first failure."""
     _check_counts(args)
     _check_probabilities(args)
+    _check_loss_options(args)
+    _check_optimizer(args)
     _check_paths(args)
     _check_resolution(args)
     _check_schedules(args)
+    _check_trackers(args)
 
 
 def require_file(flag: str, value: str | None) -> None:
@@ -62,11 +66,45 @@ def _check_probabilities(args: argparse.Namespace) -> None:
         raise ArgumentError(f"--tag_dropout must be in [0, 1), not {args.tag_dropout}")
     if not 0.0 <= args.flip_p <= 1.0:
         raise ArgumentError(f"--flip_p must be in [0, 1], not {args.flip_p}")
+    if not 0.0 <= args.caption_dropout <= 1.0:
+        raise ArgumentError(f"--caption_dropout must be in [0, 1], not {args.caption_dropout}")
+    if not 0.0 <= args.validation_split < 1.0:
+        raise ArgumentError(f"--validation_split must be in [0, 1), not {args.validation_split}")
+    if args.validation_split and args.validation_data_dir:
+        raise ArgumentError("--validation_split and --validation_data_dir both name held-out images: give one")
     if args.unmasked_weight is not None and not 0.0 <= args.unmasked_weight <= 1.0:
         raise ArgumentError(f"--unmasked_weight must be in [0, 1], not {args.unmasked_weight}")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(args, name) < 1.0:
             raise ArgumentError(f"--{name} must be in [0, 1), not {getattr(args, name)}")
+
+
+def _check_loss_options(args: argparse.Namespace) -> None:
+    if args.snr_gamma is not None and not args.snr_gamma > 0:
+        raise ArgumentError(f"--snr_gamma must be positive, not {args.snr_gamma}")
+    if not args.noise_offset >= 0:
+        raise ArgumentError(f"--noise_offset must be 0 (off) or positive, not {args.noise_offset}")
+    if args.max_timestep is not None and args.max_timestep <= args.min_timestep:
+        raise ArgumentError(f"--max_timestep ({args.max_timestep}) must be above --min_timestep ({args.min_timestep})")
+
+
+def _check_optimizer(args: argparse.Namespace) -> None:
+    """`--use_8bit_adam` is `--optimizer adamw8bit`; the optimizer's package and arguments exist;
+    the moving average has a decay to average with."""
+    from tinv_lib.training.optimizers import OptimizerError, check_optimizer
+
+    if args.use_8bit_adam:
+        if args.optimizer not in ("adamw", "adamw8bit"):
+            raise ArgumentError(f"--use_8bit_adam means --optimizer adamw8bit; it cannot go with --optimizer {args.optimizer}")
+        args.optimizer = "adamw8bit"
+    try:
+        check_optimizer(args)
+    except OptimizerError as error:
+        raise ArgumentError(str(error)) from None
+    if args.ema_decay is not None and not 0.0 < args.ema_decay < 1.0:
+        raise ArgumentError(f"--ema_decay must be in (0, 1), not {args.ema_decay}")
+    if args.save_ema and args.ema_decay is None:
+        raise ArgumentError("--save_ema needs --ema_decay (the moving average to save)")
 
 
 def _check_paths(args: argparse.Namespace) -> None:
@@ -76,6 +114,7 @@ def _check_paths(args: argparse.Namespace) -> None:
 
     require_folder("train_data_dir", args.train_data_dir)
     require_folder("mask_dir", args.mask_dir)
+    require_folder("validation_data_dir", args.validation_data_dir)
     load_template(args.template_file)
     if args.resume_from_checkpoint:
         resolve_checkpoint(args.resume_from_checkpoint, Path(args.output_dir))
@@ -120,3 +159,13 @@ def _check_schedules(args: argparse.Namespace) -> None:
                 ScheduleString(value, args.max_train_steps, 0)
         except ScheduleError as error:
             raise ArgumentError(f"--{name} {value!r}: {error}") from None
+
+
+def _check_trackers(args: argparse.Namespace) -> None:
+    """wandb is an optional install: say so now, not after the model has loaded."""
+    report_to = getattr(args, "report_to", "none")
+    if report_to in ("wandb", "all"):
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ArgumentError(f"--report_to {report_to} needs the wandb package: pip install wandb") from None

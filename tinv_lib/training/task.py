@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from tinv_lib.training.batches import SampleSettings
+from tinv_lib.training.batches import MicroBatch, SampleSettings
 from tinv_lib.training.data import BatchPlan, TrainingImage
+from tinv_lib.training.ema import ExponentialMovingAverage
 from tinv_lib.training.logs import RunLogger
 from tinv_lib.training.lr_schedule import ScheduleString
 
@@ -109,6 +110,8 @@ class TrainingRun:
     lr_multiplier: float = 1.0  # halved by every NaN rollback
     rollbacks: int = 0
     previews_on: bool = True
+    ema: ExponentialMovingAverage | None = None  # `--ema_decay`
+    validation: list[MicroBatch] = field(default_factory=list)  # held-out images at fixed noise and timesteps
 
     @property
     def is_main(self) -> bool:
@@ -125,4 +128,13 @@ class TrainingRun:
     def take_snapshot(self) -> None:
         """Remember this step as the one a NaN rolls back to."""
         tensors = {key: value.clone() for key, value in self.task.state_tensors().items()}
-        self.snapshot = (self.step, tensors, copy.deepcopy(self.optimizer.state_dict()))
+        ema = self.ema.state() if self.ema else None
+        self.snapshot = (self.step, tensors, copy.deepcopy(self.optimizer.state_dict()), ema)
+
+    def restore_snapshot(self) -> None:
+        """Back to the step `take_snapshot` remembered: trainables, optimizer, moving average."""
+        self.step, tensors, optimizer_state, ema = self.snapshot
+        self.task.load_state_tensors(tensors)
+        self.optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+        if ema is not None:
+            self.ema.load_state(*ema)

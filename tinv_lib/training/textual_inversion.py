@@ -28,6 +28,7 @@ from tinv_lib.training.arguments import (
     mark_required,
     parse_with_config,
 )
+from tinv_lib.training.optimizers import sidecar_name
 from tinv_lib.training.preflight import require_file
 
 KIND = "textual_inversion"
@@ -46,8 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--initializer_token", default="*", help='init text, any number of tokens ("" = zero vectors)')
     group.add_argument("--num_vectors", type=int, default=1, help="vectors per token (1-75)")
     group.add_argument("--resume_from_embedding", help="continue training this embedding file (its step count continues)")
-    add_training_arguments(parser, default_lr="0.005", default_template="subject_filewords")
-    parser.set_defaults(adam_weight_decay=0.0)
+    add_training_arguments(parser, default_lr="0.005", default_template="subject_filewords", default_weight_decay=0.0)
     mark_required(parser, REQUIRED)
     return parser
 
@@ -88,7 +88,8 @@ class TextualInversionTask:
             initial = self._check_fits(embedding)
             step = embedding.step or 0
             self.resumed_from = Path(args.resume_from_embedding)
-            self.optimizer_state = self._matching_optimizer_state(Path(args.resume_from_embedding), embedding)
+            self.optimizer_state = self._matching_optimizer_state(Path(args.resume_from_embedding), embedding,
+                                                                  sidecar_name(args.optimizer))
         else:
             initial = create_embedding_vectors(family.tokenizers, family.text_encoders,
                                                args.initializer_token, args.num_vectors)
@@ -118,15 +119,21 @@ class TextualInversionTask:
                             f"(text width {widths})")
         return embedding.vectors
 
-    def _matching_optimizer_state(self, path: Path, embedding: Embedding) -> dict | None:
+    def _matching_optimizer_state(self, path: Path, embedding: Embedding, optimizer_name: str) -> dict | None:
         """A1111's `.optim` sidecar, used only if its checksum matches the embedding
-        (docs/formats.md, "Optimizer sidecars")."""
+        (docs/formats.md, "Optimizer sidecars") and it was saved by this run's optimizer (our
+        sidecars name it; A1111's, without a name, are AdamW)."""
         sidecar = path.with_name(path.name + ".optim")
         if not sidecar.is_file():
             return None
         data = safe_torch_load(sidecar)
         if not isinstance(data, dict) or data.get("hash") != embedding.checksum():
             print(f"notice: {sidecar.name} does not match the embedding; starting with a fresh optimizer", file=sys.stderr)
+            return None
+        saved_by = data.get("optimizer_name", "AdamW")
+        if saved_by != optimizer_name:
+            print(f"notice: {sidecar.name} holds {saved_by} state, not {optimizer_name}; starting with a fresh optimizer",
+                  file=sys.stderr)
             return None
         return data.get("optimizer_state_dict")
 
@@ -182,7 +189,8 @@ class TextualInversionTask:
             embedding.name = f"{self.name}-{step}"
             written = [save_pt(embedding, output_dir / "embeddings" / f"{self.name}-{step}.pt")]
         if optimizer_state is not None:
-            save_a1111_pt({"hash": embedding.checksum(), "optimizer_state_dict": optimizer_state},
+            save_a1111_pt({"hash": embedding.checksum(), "optimizer_name": sidecar_name(self.args.optimizer),
+                           "optimizer_state_dict": optimizer_state},
                           written[0].with_name(written[0].name + ".optim"))
         return written
 
