@@ -191,6 +191,7 @@ def write_data(concept: Concept, folder: Path, masks: bool) -> Path:
 def train(concept: Concept, model: Path, data: Path, output_dir: Path, extra_flags: Sequence[str],
           save_every: int) -> Training:
     """Train with the README recipe (plus `extra_flags`, which win); time every step."""
+    from tinv_lib.training.loop import TrainingHooks
     from tinv_lib.training.loop import train as run_training
     from tinv_lib.training.textual_inversion import TextualInversionTask, parse_args
 
@@ -205,7 +206,7 @@ def train(concept: Concept, model: Path, data: Path, output_dir: Path, extra_fla
     def on_step(step: int) -> None:
         cpu[step], wall[step] = time.process_time() - cpu_start, time.perf_counter() - wall_start
 
-    if run_training(args, TextualInversionTask(args), on_step=on_step) != 0:
+    if run_training(args, TextualInversionTask(args), hooks=TrainingHooks(on_step=on_step)) != 0:
         raise RuntimeError(f"training {concept.name} failed")
     intermediate = {int(p.stem.rsplit("-", 1)[1]): p for p in (output_dir / "embeddings").glob(f"{concept.name}-*.pt")}
     return Training(output_dir / f"{concept.name}.pt", intermediate, cpu, wall)

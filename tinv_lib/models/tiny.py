@@ -23,30 +23,35 @@ ARCHITECTURES = ("sd1", "sd2-v", "sdxl")
 _SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
 
-def _vae(scaling_factor: float):
+def make_vae(scaling_factor: float, block_out_channels: tuple[int, ...] = (32, 32, 32, 32), layers_per_block: int = 1,
+             sample_size: int = 64):
+    """An SD VAE (four levels, 4 latent channels) with random weights; the defaults are the tiny one."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        block_out_channels=(32, 32, 32, 32),
+        block_out_channels=block_out_channels,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4,
-        layers_per_block=1,
+        layers_per_block=layers_per_block,
         norm_num_groups=32,
-        sample_size=64,
+        sample_size=sample_size,
         scaling_factor=scaling_factor,
     )
 
 
-def _text_encoder(tokenizer, width: int, with_projection: bool = False, act: str = "quick_gelu"):
+def make_text_encoder(tokenizer, width: int, with_projection: bool = False, act: str = "quick_gelu", *,
+                      layers: int = 4, heads: int = 4, intermediate: int | None = None, vocab_size: int | None = None):
+    """A CLIP text encoder for `tokenizer` with random weights; the defaults are the tiny one
+    (4 layers, 4 heads, MLP twice the width, the tokenizer's own vocabulary)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=len(tokenizer) if vocab_size is None else vocab_size,
         hidden_size=width,
-        intermediate_size=width * 2,
-        num_hidden_layers=4,
-        num_attention_heads=4,
+        intermediate_size=width * 2 if intermediate is None else intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
         max_position_embeddings=77,
         projection_dim=width,
         hidden_act=act,
@@ -76,51 +81,58 @@ def _sd_unet(cross_attention_dim: int, linear_projection: bool, head_dim):
     )
 
 
-def _build_sd1(seed: int, workdir: Path):
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+def _scheduler(arch: str):
+    """The noise scheduler of `arch`, with SD's betas."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
 
+    if arch == "sd1":
+        return PNDMScheduler(**_SD_BETAS, steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False)
+    if arch == "sd2-v":
+        return DDIMScheduler(**_SD_BETAS, steps_offset=1, clip_sample=False, set_alpha_to_one=False,
+                             prediction_type="v_prediction")
+    return EulerDiscreteScheduler(**_SD_BETAS, steps_offset=1, timestep_spacing="leading")
+
+
+def assemble_pipeline(arch: str, vae, unet, text_encoders: list, tokenizers: list):
+    """The diffusers pipeline of `arch` ("sd1", "sd2-v", "sdxl") around these components, with the
+    architecture's scheduler and no safety checker. Builds nothing random."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if arch == "sdxl":
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1], tokenizer=tokenizers[0],
+            tokenizer_2=tokenizers[1], unet=unet, scheduler=_scheduler(arch),
+        )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], unet=unet, scheduler=_scheduler(arch),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def _build_sd1(seed: int, workdir: Path):
     torch.manual_seed(seed)
     tokenizer = build_clip_tokenizer(workdir / "tokenizer", pad_token=END_TOKEN)
-    return StableDiffusionPipeline(
-        vae=_vae(0.18215),
-        text_encoder=_text_encoder(tokenizer, 32),
-        tokenizer=tokenizer,
-        unet=_sd_unet(32, False, 8),
-        scheduler=PNDMScheduler(**_SD_BETAS, steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    vae = make_vae(0.18215)
+    text_encoder = make_text_encoder(tokenizer, 32)
+    return assemble_pipeline("sd1", vae, _sd_unet(32, False, 8), [text_encoder], [tokenizer])
 
 
 def _build_sd2v(seed: int, workdir: Path):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
     torch.manual_seed(seed)
     tokenizer = build_clip_tokenizer(workdir / "tokenizer", pad_token="!")
-    return StableDiffusionPipeline(
-        vae=_vae(0.18215),
-        text_encoder=_text_encoder(tokenizer, 48, act="gelu"),
-        tokenizer=tokenizer,
-        unet=_sd_unet(48, True, (2, 4)),
-        scheduler=DDIMScheduler(
-            **_SD_BETAS, steps_offset=1, clip_sample=False, set_alpha_to_one=False,
-            prediction_type="v_prediction",
-        ),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    vae = make_vae(0.18215)
+    text_encoder = make_text_encoder(tokenizer, 48, act="gelu")
+    return assemble_pipeline("sd2-v", vae, _sd_unet(48, True, (2, 4)), [text_encoder], [tokenizer])
 
 
 def _build_sdxl(seed: int, workdir: Path):
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     tokenizer = build_clip_tokenizer(workdir / "tokenizer", pad_token=END_TOKEN)
     tokenizer_2 = build_clip_tokenizer(workdir / "tokenizer_2", pad_token="!")
-    text_encoder = _text_encoder(tokenizer, 32)
-    text_encoder_2 = _text_encoder(tokenizer_2, 48, with_projection=True, act="gelu")
+    text_encoder = make_text_encoder(tokenizer, 32)
+    text_encoder_2 = make_text_encoder(tokenizer_2, 48, with_projection=True, act="gelu")
     unet = UNet2DConditionModel(
         sample_size=8,
         block_out_channels=(32, 64),
@@ -136,15 +148,8 @@ def _build_sdxl(seed: int, workdir: Path):
         cross_attention_dim=32 + 48,
         norm_num_groups=32,
     )
-    return StableDiffusionXLPipeline(
-        vae=_vae(0.13025),
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=EulerDiscreteScheduler(**_SD_BETAS, steps_offset=1, timestep_spacing="leading"),
-    )
+    vae = make_vae(0.13025)  # after the UNet, so the seed gives the same weights as always
+    return assemble_pipeline("sdxl", vae, unet, [text_encoder, text_encoder_2], [tokenizer, tokenizer_2])
 
 
 _BUILDERS = {"sd1": _build_sd1, "sd2-v": _build_sd2v, "sdxl": _build_sdxl}
