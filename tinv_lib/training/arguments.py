@@ -116,6 +116,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_lr: str, def
     out.add_argument("--checkpointing_steps", type=int, default=500, help="resumable checkpoint every N steps (0: off)")
     out.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints (default: all)")
     out.add_argument("--resume_from_checkpoint", help='"latest" (the newest in --output_dir, if any) or a checkpoint folder')
+    out.add_argument("--accept_new_global_batch", action="store_true",
+                     help="resume a checkpoint trained with another global batch (the data order changes from there)")
     parser.add_argument("--config", help="TOML or YAML file of flag values (command-line flags win)")
 
 

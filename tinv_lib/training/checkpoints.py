@@ -45,10 +45,35 @@ class CheckpointState:
     optimizer: dict
     scaler: dict | None
     ema: tuple[dict[str, torch.Tensor], int] | None = None  # moving average and its update count
+    batch: BatchShape | None = None  # how the global batch was made (None: a checkpoint from before it was kept)
 
 
-def save_checkpoint(output_dir: Path, state: CheckpointState, keep_last: int | None = None) -> Path:
-    """Write `output_dir/checkpoint-<step>` atomically; keep at most `keep_last` checkpoints."""
+@dataclass(frozen=True)
+class BatchShape:
+    """The global batch of a run: images per process and micro-batch x processes x accumulation.
+
+    Data order is a function of the global batch only (`data.BatchPlan`), so a checkpoint resumes
+    exactly on any number of processes that makes the same global batch."""
+
+    per_process: int
+    processes: int
+    accumulation: int
+
+    @property
+    def size(self) -> int:
+        return self.per_process * self.processes * self.accumulation
+
+    def describe(self) -> str:
+        return (f"{self.size} ({self.per_process} per process x {self.processes} processes x "
+                f"{self.accumulation} accumulation)")
+
+
+def save_checkpoint(output_dir: Path, state: CheckpointState, keep_last: int | None = None,
+                    keep: Path | None = None) -> Path:
+    """Write `output_dir/checkpoint-<step>` atomically; then delete the oldest checkpoints beyond
+    `keep_last`, but never the one just written nor `keep` (the checkpoint the run resumed
+    from: a run resumed from an older checkpoint must not lose it to newer ones of the
+    abandoned timeline, nor delete what it has just written)."""
     from safetensors.torch import save_file
 
     final = output_dir / f"checkpoint-{state.step}"
@@ -62,6 +87,9 @@ def save_checkpoint(output_dir: Path, state: CheckpointState, keep_last: int | N
     if state.scaler is not None:
         save_a1111_pt(state.scaler, partial / "scaler.pt")
     meta = {"step": state.step, "start_step": state.start_step, "kind": state.kind, "name": state.name}
+    if state.batch is not None:
+        meta.update(global_batch=state.batch.size, per_process_batch=state.batch.per_process,
+                    world_size=state.batch.processes, gradient_accumulation_steps=state.batch.accumulation)
     if state.ema is not None:
         average, meta["ema_updates"] = state.ema
         with atomic_path(partial / "ema.safetensors") as tmp:
@@ -73,7 +101,9 @@ def save_checkpoint(output_dir: Path, state: CheckpointState, keep_last: int | N
         shutil.rmtree(stale, ignore_errors=True)
     os.replace(partial, final)
     if keep_last:
-        for old in list_checkpoints(output_dir)[:-keep_last]:
+        protected = {final.resolve(), *([keep.resolve()] if keep is not None else [])}
+        others = [path for path in list_checkpoints(output_dir) if path.resolve() not in protected]
+        for old in others[:max(0, len(others) + 1 - keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -127,4 +157,17 @@ def load_checkpoint(path: Path, kind: str) -> CheckpointState:
         optimizer=safe_torch_load(path / "optimizer.pt"),
         scaler=safe_torch_load(scaler_file) if scaler_file.is_file() else None,
         ema=(load_file(str(ema_file)), int(meta["ema_updates"])) if ema_file.is_file() else None,
+        batch=batch_shape_of(meta),
     )
+
+
+def batch_shape_of(meta: dict) -> BatchShape | None:
+    """The batch shape recorded in a checkpoint's `state.json`, if it has one."""
+    if "global_batch" not in meta:
+        return None
+    return BatchShape(int(meta["per_process_batch"]), int(meta["world_size"]), int(meta["gradient_accumulation_steps"]))
+
+
+def read_batch_shape(path: Path) -> BatchShape | None:
+    """`batch_shape_of` a checkpoint folder, without loading its tensors (for the checks before the model loads)."""
+    return batch_shape_of(json.loads((path / "state.json").read_text()))

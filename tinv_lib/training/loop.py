@@ -56,6 +56,7 @@ from tinv_lib.training.task import PreviewRequest, TrainingHooks, TrainingRun, T
 from tinv_lib.training.validation import split_off, validation_batches
 
 EXIT_NAN = 3
+EXIT_STOPPED = 128 + 15  # a SIGTERM's exit code, also on processes that did not receive it themselves
 VALIDATION_CSV = "validation_loss.csv"
 MAX_ROLLBACKS = 10  # with --on_nan rollback: give up after this many (e.g. NaN in the data itself)
 
@@ -121,10 +122,15 @@ def _set_up(args, task: TrainingTask) -> TrainingRun:
                          resume_step=resumed.step if resumed.checkpoint else None),
         start_step=resumed.start_step, step=resumed.step, end_step=min(args.max_train_steps, schedule.end_step),
         previews_on=bool(args.validation_steps), ema=_moving_average(args, task, resumed),
+        resumed_from=resumed.checkpoint,
         validation=validation_batches(held_out, templates[0], task.name, samples.timesteps[1], family.latent_scale),
     )
     if run.is_main:
         _announce(run, messages, file_step, resumed.checkpoint)
+        if resumed.batch is not None and resumed.batch.size != run.batch_shape.size:
+            print(f"notice: {resumed.checkpoint.name} was trained with a global batch of {resumed.batch.describe()}; "
+                  f"this run's is {run.batch_shape.describe()}: from step {run.step} on, the data order differs "
+                  "from the uninterrupted run's")
     return run
 
 
@@ -203,6 +209,7 @@ class _Resumed:
     start_step: int
     scaler: dict | None = None
     ema: tuple[dict, int] | None = None  # (average, updates)
+    batch: ckpt.BatchShape | None = None  # the global batch the checkpoint was trained with
 
 
 def _resume(args, task: TrainingTask, optimizer, output_dir: Path, file_step: int) -> _Resumed:
@@ -216,7 +223,7 @@ def _resume(args, task: TrainingTask, optimizer, output_dir: Path, file_step: in
     state = ckpt.load_checkpoint(path, task.kind)
     task.load_state_tensors(state.tensors)
     optimizer.load_state_dict(state.optimizer)
-    return _Resumed(path, state.step, state.start_step, state.scaler, state.ema)
+    return _Resumed(path, state.step, state.start_step, state.scaler, state.ema, state.batch)
 
 
 def _clip_schedule(text: str | None, max_steps: int, start_step: int) -> ScheduleString | None:
@@ -276,8 +283,8 @@ def _train_steps(run: TrainingRun, hooks: TrainingHooks) -> int:
                 if hooks.on_step is not None:
                     hooks.on_step(run.step)
                 _after_step(run, prompts, final)
-                if stop:
-                    return stop_request.exit_code
+                if stop:  # here or on another process: every process exits as if signalled
+                    return stop_request.exit_code or EXIT_STOPPED
     except Exception as error:  # noqa: BLE001 - whatever broke the loop, the training is saved first
         run.task.set_training(False)
         save = (lambda: _save_after_crash(run)) if run.is_main else None
@@ -426,8 +433,9 @@ def _save_checkpoint(run: TrainingRun) -> Path:
         step=run.step, start_step=run.start_step, kind=run.task.kind, name=run.task.name,
         tensors=run.task.state_tensors(), optimizer=run.optimizer.state_dict(),
         scaler=scaler.state_dict() if scaler else None, ema=run.ema.state() if run.ema else None,
+        batch=run.batch_shape,
     )
-    return ckpt.save_checkpoint(run.output_dir, state, run.args.checkpoints_total_limit)
+    return ckpt.save_checkpoint(run.output_dir, state, run.args.checkpoints_total_limit, keep=run.resumed_from)
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 
 from tinv_lib.common.errors import TinvError
@@ -117,12 +118,29 @@ def _check_paths(args: argparse.Namespace) -> None:
     require_folder("validation_data_dir", args.validation_data_dir)
     load_template(args.template_file)
     if args.resume_from_checkpoint:
-        resolve_checkpoint(args.resume_from_checkpoint, Path(args.output_dir))
+        _check_resume_batch(args, resolve_checkpoint(args.resume_from_checkpoint, Path(args.output_dir)))
     model = args.pretrained_model_name_or_path
     looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/"))
     if not Path(model).exists() and not looks_like_hub_id:
         raise ArgumentError(f"--pretrained_model_name_or_path {model}: no such model folder or file")
     require_folder("model_config", args.model_config)
+
+
+def _check_resume_batch(args: argparse.Namespace, checkpoint: Path | None) -> None:
+    """Resuming exactly needs the checkpoint's global batch; any number of processes may make it.
+
+    The number of processes is the launcher's (`WORLD_SIZE`, set by `accelerate launch` and
+    `torchrun`). A different global batch changes the data order from the resume step on, so it
+    is refused unless `--accept_new_global_batch` says that is what the user wants."""
+    from tinv_lib.training.checkpoints import BatchShape, read_batch_shape
+
+    old = read_batch_shape(checkpoint) if checkpoint is not None else None
+    new = BatchShape(args.train_batch_size, int(os.environ.get("WORLD_SIZE", "1")), args.gradient_accumulation_steps)
+    if old is None or old.size == new.size or args.accept_new_global_batch:
+        return
+    raise ArgumentError(f"--resume_from_checkpoint: {checkpoint.name} was trained with a global batch of {old.describe()}, "
+                        f"this run's is {new.describe()}; keep {old.size} (e.g. --train_batch_size or "
+                        "--gradient_accumulation_steps for this number of processes) or pass --accept_new_global_batch")
 
 
 def vae_factor(args: argparse.Namespace) -> int:

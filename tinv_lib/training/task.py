@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from tinv_lib.training.batches import MicroBatch, SampleSettings
+from tinv_lib.training.checkpoints import BatchShape
 from tinv_lib.training.data import BatchPlan, TrainingImage
 from tinv_lib.training.ema import ExponentialMovingAverage
 from tinv_lib.training.logs import RunLogger
@@ -112,6 +113,12 @@ class TrainingRun:
     previews_on: bool = True
     ema: ExponentialMovingAverage | None = None  # `--ema_decay`
     validation: list[MicroBatch] = field(default_factory=list)  # held-out images at fixed noise and timesteps
+    resumed_from: Path | None = None  # the checkpoint this run resumed from (never pruned)
+
+    @property
+    def batch_shape(self) -> BatchShape:
+        """This run's global batch, as checkpoints record it."""
+        return BatchShape(self.batch, self.accelerator.num_processes, self.args.gradient_accumulation_steps)
 
     @property
     def is_main(self) -> bool:
