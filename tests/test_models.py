@@ -144,3 +144,26 @@ def test_folder_hash_follows_the_documented_manifest_rule(tiny_sd1_path, tmp_pat
     _, info = load_base_model(tiny_sd1_path)
     assert info.short_hash == sha256_file(tiny_sd1_path)[:10]
     assert info.old_hash == old_model_hash(tiny_sd1_path / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_the_model_hash_is_computed_while_the_model_loads(tiny_sd1_path, tmp_path, monkeypatch):
+    """The hash starts on its own thread before loading and gives the same value as hashing after."""
+    import tinv_lib.models.loading as loading
+
+    monkeypatch.setenv("TINV_CACHE_DIR", str(tmp_path / "cache"))  # a cold hash cache
+    single = write_single_file(load_base_model(tiny_sd1_path)[0], tmp_path / "m.safetensors")
+    order, real_hash, real_load = [], loading.BackgroundHash.__init__, loading._load_single_file
+
+    def start_hash(self, path):
+        order.append("hash")
+        real_hash(self, path)
+
+    def load(*args, **kwargs):
+        order.append("load")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(loading.BackgroundHash, "__init__", start_hash)
+    monkeypatch.setattr(loading, "_load_single_file", load)
+    _, info = load_base_model(single, tiny_sd1_path)
+    assert order == ["hash", "load"] and isinstance(info.hashing, loading.BackgroundHash)
+    assert info.sha256 == sha256_file(single, use_cache=False)

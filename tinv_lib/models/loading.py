@@ -13,6 +13,7 @@ optional), never from the hub, which is what `from_single_file` would otherwise 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -45,9 +46,13 @@ class ModelInfo:
     def __post_init__(self) -> None:
         self.name = model_name(self.path) if self.path.exists() else str(self.path).replace("/", "_")
 
+    hashing: BackgroundHash | None = field(default=None, repr=False, compare=False)
+
     @cached_property
     def sha256(self) -> str:
         """Full sha256 (for a folder: of its weight-file manifest, see `tinv_lib.models.hashes`)."""
+        if self.hashing is not None:
+            return self.hashing.result()
         return sha256_file(self.path) if self.path.exists() else ""
 
     @property
@@ -59,6 +64,33 @@ class ModelInfo:
     def old_hash(self) -> str:
         """A1111's pre-2023 8-hex model hash."""
         return old_model_hash(self.path) if self.path.exists() else "NOFILE"
+
+
+class BackgroundHash:
+    """The model's sha256, computed on a daemon thread while the model loads.
+
+    Hashing a 4 GB checkpoint reads every byte once (about 10-20 s), and loading reads them again;
+    hashlib and file reads release the GIL, so the two overlap instead of adding up. The hash is
+    cached by path, size and mtime (`hashes.sha256_file`), so later runs pay nothing. A daemon
+    thread, so a model that fails to load does not keep the process alive until the hash ends."""
+
+    def __init__(self, path: Path):
+        self._value: str | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(path,), name="tinv-model-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self, path: Path) -> None:
+        try:
+            self._value = sha256_file(path)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread by result()
+            self._error = error
+
+    def result(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 # ------------------------------------------------------------------------------- detection
@@ -103,12 +135,13 @@ def load_base_model(
     `StableDiffusionXLPipeline` on the CPU; safety checkers are never loaded.
     """
     path = Path(path)
-    if path.is_dir():
-        return _load_folder(path, dtype)
-    if path.is_file():
-        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-            raise ModelLoadError(f"{path}: unknown model file type (expected {', '.join(SINGLE_FILE_SUFFIXES)})")
-        return _load_single_file(path, model_config, dtype)
+    if path.is_file() and path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        raise ModelLoadError(f"{path}: unknown model file type (expected {', '.join(SINGLE_FILE_SUFFIXES)})")
+    if path.exists():
+        hashing = BackgroundHash(path)
+        pipe, info = _load_folder(path, dtype) if path.is_dir() else _load_single_file(path, model_config, dtype)
+        info.hashing = hashing
+        return pipe, info
     if str(path).count("/") == 1 and not str(path).startswith((".", "/")):
         return _load_hub(str(path), dtype)
     raise ModelLoadError(f"{path}: no such model folder or file")
