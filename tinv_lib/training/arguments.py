@@ -27,7 +27,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_training_arguments(parser: argparse.ArgumentParser, default_lr: str, default_template: str,
                            default_weight_decay: float) -> None:
-    """Data, optimisation, outputs and resume: every flag both trainers share."""
+    """Data, loss, optimisation, outputs and resume: every flag both trainers share."""
+    _add_data_arguments(parser, default_template)
+    _add_loss_arguments(parser)
+    _add_optimizer_arguments(parser, default_lr, default_weight_decay)
+    _add_output_arguments(parser)
+    parser.add_argument("--config", help="TOML or YAML file of flag values (command-line flags win)")
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser, default_template: str) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--train_data_dir", help="folder of training images (.txt caption sidecars optional)")
     data.add_argument("--template_file", default=default_template,
@@ -57,6 +65,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_lr: str, def
     data.add_argument("--validation_loss_steps", type=int, default=100,
                       help="validation loss every N steps, when there are held-out images")
 
+
+def _add_loss_arguments(parser: argparse.ArgumentParser) -> None:
     loss = parser.add_argument_group("loss and noise")
     loss.add_argument("--snr_gamma", type=float, default=None, help="min-SNR-γ loss weighting (e.g. 5; default: off)")
     loss.add_argument("--noise_offset", type=float, default=0.0, help="add this times a random constant per channel to the noise")
@@ -64,6 +74,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_lr: str, def
     loss.add_argument("--max_timestep", type=int, default=None,
                       help="train on timesteps below this one (default: the scheduler's number of timesteps)")
 
+
+def _add_optimizer_arguments(parser: argparse.ArgumentParser, default_lr: str, default_weight_decay: float) -> None:
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--learning_rate", default=default_lr, help='a float or an A1111 schedule "0.005:100, 1e-3:1000, 1e-5"')
     optim.add_argument("--lr_scheduler", default="constant", help="diffusers scheduler for a plain-float rate (constant, linear, cosine, ...)")
@@ -95,6 +107,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_lr: str, def
     optim.add_argument("--on_nan", choices=["stop", "rollback"], default="stop",
                        help="non-finite loss: stop, or roll back to the last good state with half the learning rate")
 
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("outputs and resume")
     out.add_argument("--output_dir", default="output", help="where every output of the run goes")
     out.add_argument("--save_steps", type=int, default=500, help="intermediate file every N steps (0: off)")
@@ -118,7 +132,6 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_lr: str, def
     out.add_argument("--resume_from_checkpoint", help='"latest" (the newest in --output_dir, if any) or a checkpoint folder')
     out.add_argument("--accept_new_global_batch", action="store_true",
                      help="resume a checkpoint trained with another global batch (the data order changes from there)")
-    parser.add_argument("--config", help="TOML or YAML file of flag values (command-line flags win)")
 
 
 def _read_config(path: Path) -> dict:
