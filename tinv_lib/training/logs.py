@@ -158,10 +158,9 @@ def _start_wandb(output_dir: Path, args):
     from accelerate.tracking import WandBTracker
 
     project = getattr(args, "tracker_project_name", None) or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
-    options = {"name": output_dir.resolve().name}
-    if not os.environ.get("WANDB_DIR"):
-        options["dir"] = str(output_dir)
-    tracker = WandBTracker(project, **options)
+    # Given explicitly, read now: wandb reads its environment once per process, at its first run.
+    folder = os.environ.get("WANDB_DIR") or str(output_dir)
+    tracker = WandBTracker(project, name=output_dir.resolve().name, dir=folder)
     tracker.start()
     tracker.store_init_configuration({key: value if value is None or isinstance(value, (bool, int, float, str))
                                       else str(value) for key, value in vars(args).items()})
