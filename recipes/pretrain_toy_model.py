@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""Pretrain the toy world's SD-1.x-layout model and its judge from scratch (README "Toy world").
+"""Pretrain the toy world's SD-1.x-layout model and its judge from scratch (README "Toy world"),
+or the SDXL-layout one on the SD 1.x model's VAE and judge.
 
-    python recipes/pretrain_toy_model.py            # the committed model; 49 min on 2 CPU cores
+    python recipes/pretrain_toy_model.py            # the committed models/toy; 49 min on 2 CPU cores
+    python recipes/pretrain_toy_model.py --architecture sdxl     # the committed models/toy-xl
     python recipes/pretrain_toy_model.py --quick --output_dir /tmp/toy   # every stage in seconds
 
 Deterministic from --seed on a given machine and thread count. Writes a diffusers folder with
@@ -23,14 +25,21 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from toy_world.pipeline import XL_MODEL_DIR  # noqa: E402
 from toy_world.recipe import RecipeConfig, quick_config, run_recipe  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = RecipeConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", type=Path, default=defaults.output_dir, help="model folder to write")
-    parser.add_argument("--work_dir", type=Path, default=defaults.work_dir, help="VAE/latent cache between runs")
+    parser.add_argument("--architecture", choices=("sd1", "sdxl"), default=defaults.architecture,
+                        help="sdxl: two text encoders, pooled text and size ids, on --base_model's VAE and judge")
+    parser.add_argument("--base_model", type=Path, default=defaults.base_model,
+                        help="sdxl: the SD 1.x toy model whose VAE and judge it uses")
+    parser.add_argument("--output_dir", type=Path, default=None,
+                        help=f"model folder to write (default: {defaults.output_dir} for sd1, {XL_MODEL_DIR} for sdxl)")
+    parser.add_argument("--work_dir", type=Path, default=None,
+                        help="VAE/latent cache between runs (default: runs/toy_pretrain, runs/toy_xl_pretrain)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads and drawing processes")
     parser.add_argument("--diffusion_processes", type=int, default=defaults.diffusion_processes,
@@ -48,13 +57,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> RecipeConfig:
-    if args.quick:
-        return dataclasses.replace(quick_config(args.output_dir, args.work_dir), seed=args.seed, threads=args.threads,
-                                   diffusion_processes=args.diffusion_processes)
     defaults = RecipeConfig()
+    xl = args.architecture == "sdxl"
+    output_dir = args.output_dir or (XL_MODEL_DIR if xl else defaults.output_dir)
+    work_dir = args.work_dir or (Path("runs/toy_xl_pretrain") if xl else defaults.work_dir)
+    shared = {"architecture": args.architecture, "base_model": args.base_model, "seed": args.seed,
+              "threads": args.threads, "diffusion_processes": args.diffusion_processes}
+    if args.quick:
+        return dataclasses.replace(quick_config(output_dir, work_dir), **shared)
     return dataclasses.replace(
-        defaults, output_dir=args.output_dir, work_dir=args.work_dir, seed=args.seed, threads=args.threads,
-        diffusion_processes=args.diffusion_processes,
+        defaults, output_dir=output_dir, work_dir=work_dir, **shared,
         num_images=args.num_images, vae_steps=args.vae_steps, judge_steps=args.judge_steps,
         diffusion=dataclasses.replace(
             defaults.diffusion, steps=args.diffusion_steps, batch_size=args.batch_size, lr=args.learning_rate,

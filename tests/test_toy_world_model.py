@@ -118,26 +118,28 @@ def test_recipe_quick_mode_writes_a_loadable_model_that_repeats_bit_for_bit(tmp_
     assert not torch.equal(first["unet/conv_in.weight"], other["unet/conv_in.weight"])
 
 
-def test_diffusion_training_split_over_two_processes_is_the_one_process_training(tmp_path):
+@pytest.mark.parametrize("architecture", ["sd1", "sdxl"])
+def test_diffusion_training_split_over_two_processes_is_the_one_process_training(tmp_path, architecture):
     """Two gloo processes sharing each batch train the same weights as one process (to float
-    rounding). Without the gradient average, or with the helper stepping the first process's
-    shared weights too, the weights move by about the learning rate everywhere (measured ~7e-4)."""
-    from tinv_lib.models.tokenizer_build import build_clip_tokenizer
+    rounding), for both text sides. Without the gradient average, or with the helper stepping the
+    first process's shared weights too, the weights move by about the learning rate everywhere
+    (measured ~7e-4); with SDXL's encoders unpickled in the helper as they are, transformers
+    returns no hidden states there and the helper fails."""
     from toy_world import diffusion
+    from toy_world.recipe import RecipeConfig, build_text_side_and_unet
 
-    tokenizer = build_clip_tokenizer(tmp_path / "tokenizer")
+    cfg = RecipeConfig(work_dir=tmp_path, architecture=architecture)
     scenes = make_scenes(0, 16, 0.2)
     latents = torch.randn(16, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    cfg = diffusion.DiffusionTraining(steps=3, batch_size=4, warmup=1)
+    training = diffusion.DiffusionTraining(steps=3, batch_size=4, warmup=1)
 
     def train(processes: int) -> tuple[list[float], torch.Tensor]:
-        torch.manual_seed(0)
         losses: list[float] = []
-        unet, text_encoder = diffusion.train_diffusion(
-            diffusion.build_unet(), diffusion.build_text_encoder(tokenizer), tokenizer, latents, scenes, cfg,
-            log=lambda step, loss: losses.append(loss), processes=processes,
+        text, unet = build_text_side_and_unet(cfg)
+        unet, encoders = diffusion.train_diffusion(
+            unet, text, latents, scenes, training, log=lambda step, loss: losses.append(loss), processes=processes,
         )
-        weights = torch.cat([p.detach().reshape(-1) for p in [*unet.parameters(), *text_encoder.parameters()]])
+        weights = torch.cat([p.detach().reshape(-1) for m in [unet, *encoders] for p in m.parameters()])
         return losses, weights
 
     one_losses, one = train(1)
@@ -145,7 +147,7 @@ def test_diffusion_training_split_over_two_processes_is_the_one_process_training
     assert one_losses == pytest.approx(two_losses, rel=1e-5)
     assert float((one - two).abs().mean()) < 1e-6
     with pytest.raises(ValueError, match="does not split over 3 processes"):
-        diffusion.train_diffusion(None, None, tokenizer, latents, scenes, cfg, processes=3)
+        diffusion.train_diffusion(None, None, latents, scenes, training, processes=3)
 
 
 def test_recipe_defaults_are_the_committed_model_and_flags_reach_the_config():

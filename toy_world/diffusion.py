@@ -134,6 +134,24 @@ class CaptionTokens:
         return torch.stack([self.cache[c] for c in captions])
 
 
+class Sd1Text:
+    """The SD 1.x toy model's text side: one CLIP encoder whose last hidden states are the context.
+
+    `train_diffusion` trains any text side with this interface (`toy_world.xl.XlText` is the
+    SDXL one): `encoders` are trained with the UNet, `condition` turns captions into the UNet's
+    context and extra keyword arguments, `tokenizers` go into the saved pipeline.
+    """
+
+    def __init__(self, tokenizer, text_encoder) -> None:
+        self.tokenizers = [tokenizer]
+        self.encoders = [text_encoder]
+        self.tokens = CaptionTokens(tokenizer)
+
+    def condition(self, captions: Sequence[str]) -> tuple[torch.Tensor, dict]:
+        """The UNet's context for `captions` (no extra arguments)."""
+        return self.encoders[0](self.tokens(captions))[0], {}
+
+
 def loss_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
     """Per-sample loss weights that cap the low-noise steps: min(SNR, gamma) / SNR for epsilon
     (min-SNR-gamma), min(SNR + 1, gamma) / (SNR + 1) for v.
@@ -180,11 +198,11 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def diffusion_loss(
-    unet, text_encoder, latents: torch.Tensor, input_ids: torch.Tensor, noise_scheduler, cfg: DiffusionTraining,
+    unet, text, latents: torch.Tensor, captions: Sequence[str], noise_scheduler, cfg: DiffusionTraining,
     generator: torch.Generator, part: slice = slice(None),
 ) -> torch.Tensor:
     """The weighted loss (`loss_weights`) (epsilon or v target, per the scheduler) of one batch of
-    scaled latents, or of its `part`.
+    scaled latents, or of its `part`, conditioned through the text side `text`.
 
     Noise and timesteps are drawn for the whole batch either way, so processes that share a batch
     (`train_diffusion` with `processes` > 1) draw the same numbers and each trains on its part.
@@ -195,8 +213,8 @@ def diffusion_loss(
     timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, cfg.mid_noise_share, generator)
     latents, noise, timesteps = latents[part], noise[part], timesteps[part]
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    context = text_encoder(input_ids[part])[0]
-    prediction = unet(noisy, timesteps, context).sample
+    context, extra = text.condition(captions[part])
+    prediction = unet(noisy, timesteps, context, **extra).sample
     kind = noise_scheduler.config.prediction_type
     target = noise_scheduler.get_velocity(latents, noise, timesteps) if kind == "v_prediction" else noise
     per_sample = ((prediction - target) ** 2).mean(dim=(1, 2, 3))
@@ -210,8 +228,7 @@ _GLOO_TIMEOUT = datetime.timedelta(minutes=10)
 
 def train_diffusion(
     unet,
-    text_encoder,
-    tokenizer,
+    text,
     latents: torch.Tensor,
     scenes: Sequence[Scene],
     cfg: DiffusionTraining,
@@ -222,8 +239,9 @@ def train_diffusion(
 ):
     """Train UNet and text encoder jointly on scaled `latents` captioned from `scenes`.
 
-    Returns the EMA copies `(unet, text_encoder)` in eval mode; `log(step, mean loss)` is
-    called every 50 steps and `checkpoint(step, ema_unet, ema_text_encoder)` every
+    `text` is the text side (`Sd1Text`, `toy_world.xl.XlText`); its encoders train with the UNet.
+    Returns the EMA copies `(unet, text_encoders)` in eval mode; `log(step, mean loss)` is
+    called every 50 steps and `checkpoint(step, ema_unet, ema_text_encoders)` every
     `checkpoint_every` steps (to watch a long run; it must not change the models).
 
     `processes` > 1 splits every batch over that many processes (this one and spawned helpers,
@@ -233,7 +251,7 @@ def train_diffusion(
     1.10-1.27x for the step alone, 1.0-1.18x inside the recipe (docs/toy_world.md).
     """
     if processes <= 1:
-        return _train_loop(unet, text_encoder, tokenizer, latents, scenes, cfg, 0, 1, log, checkpoint, checkpoint_every)
+        return _train_loop(unet, text, latents, scenes, cfg, 0, 1, log, checkpoint, checkpoint_every)
     if cfg.batch_size % processes:
         raise ValueError(f"the batch size {cfg.batch_size} does not split over {processes} processes")
     import torch.distributed as dist
@@ -246,7 +264,7 @@ def train_diffusion(
     helpers = [
         context.Process(
             target=_helper_process, daemon=True,
-            args=(address, rank, processes, per_process, unet, text_encoder, tokenizer, latents, scenes, cfg),
+            args=(address, rank, processes, per_process, unet, text, latents, scenes, cfg),
         )
         for rank in range(1, processes)
     ]
@@ -256,7 +274,7 @@ def train_diffusion(
     dist.init_process_group("gloo", init_method=address, rank=0, world_size=processes, timeout=_GLOO_TIMEOUT)
     try:
         return _train_loop(
-            unet, text_encoder, tokenizer, latents, scenes, cfg, 0, processes, log, checkpoint, checkpoint_every
+            unet, text, latents, scenes, cfg, 0, processes, log, checkpoint, checkpoint_every
         )
     finally:
         dist.destroy_process_group()
@@ -276,22 +294,32 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _helper_process(address, rank, processes, threads, unet, text_encoder, tokenizer, latents, scenes, cfg) -> None:
+def _helper_process(address, rank, processes, threads, unet, text, latents, scenes, cfg) -> None:
     """A helper of `train_diffusion`: the same loop on its part of every batch; its copy is discarded."""
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
     # Spawning passed the models' tensors in shared memory: copy them before the group forms (no
     # process steps before then), or every optimizer step would also move the first process's weights.
-    unet, text_encoder = copy.deepcopy(unet), copy.deepcopy(text_encoder)
+    unet, text = copy.deepcopy(unet), copy.copy(text)
+    text.encoders = [_rebuilt(encoder) for encoder in text.encoders]
     dist.init_process_group("gloo", init_method=address, rank=rank, world_size=processes, timeout=_GLOO_TIMEOUT)
     try:
-        _train_loop(unet, text_encoder, tokenizer, latents, scenes, cfg, rank, processes)
+        _train_loop(unet, text, latents, scenes, cfg, rank, processes)
     finally:
         dist.destroy_process_group()
 
 
-def _train_loop(unet, text_encoder, tokenizer, latents, scenes, cfg: DiffusionTraining, rank: int, processes: int,
+def _rebuilt(model):
+    """A copy of a transformers model made through its constructor. transformers registers, in
+    `__init__`, which layers can report hidden states; an unpickled model in a spawned process
+    skipped that and answers `output_hidden_states=True` with None."""
+    fresh = type(model)(model.config)
+    fresh.load_state_dict(model.state_dict())
+    return fresh
+
+
+def _train_loop(unet, text, latents, scenes, cfg: DiffusionTraining, rank: int, processes: int,
                 log=None, checkpoint=None, checkpoint_every: int = 500):
     """The training steps of `train_diffusion`, in process `rank` of `processes`.
 
@@ -302,9 +330,8 @@ def _train_loop(unet, text_encoder, tokenizer, latents, scenes, cfg: DiffusionTr
     part = slice(rank * share, (rank + 1) * share)
     generator = torch.Generator().manual_seed(cfg.seed)
     caption_rng = random.Random(f"captions/{cfg.seed}")
-    tokens = CaptionTokens(tokenizer)
     noise_scheduler = build_noise_scheduler()
-    models = torch.nn.ModuleList([unet, text_encoder])
+    models = torch.nn.ModuleList([unet, *text.encoders])
     parameters = list(models.parameters())
     ema = copy.deepcopy(models).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=0.01)
@@ -315,7 +342,7 @@ def _train_loop(unet, text_encoder, tokenizer, latents, scenes, cfg: DiffusionTr
         index = torch.randint(0, len(latents), (cfg.batch_size,), generator=generator)
         captions = [training_caption(scenes[i], caption_rng, cfg.drop_all, cfg.drop_colour, cfg.drop_background)
                     for i in index.tolist()]
-        loss = diffusion_loss(unet, text_encoder, latents[index], tokens(captions), noise_scheduler, cfg, generator, part)
+        loss = diffusion_loss(unet, text, latents[index], captions, noise_scheduler, cfg, generator, part)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         loss = _mean_over_processes(loss.detach().clone(), processes)
@@ -329,8 +356,8 @@ def _train_loop(unet, text_encoder, tokenizer, latents, scenes, cfg: DiffusionTr
             log(step + 1, running / (50 if (step + 1) % 50 == 0 else (step + 1) % 50))
             running = 0.0
         if checkpoint and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps:
-            checkpoint(step + 1, ema[0], ema[1])
-    return ema[0], ema[1]
+            checkpoint(step + 1, ema[0], list(ema[1:]))
+    return ema[0], list(ema[1:])
 
 
 def _mean_over_processes(loss: torch.Tensor, processes: int) -> float:

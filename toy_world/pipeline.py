@@ -1,8 +1,9 @@
-"""The shipped toy model: where it lives, how its parts become an SD 1.x pipeline folder.
+"""The shipped toy models: where they live, how their parts become a pipeline folder.
 
-The folder is an ordinary diffusers `StableDiffusionPipeline` folder (safetensors weights, SD 1.x
+`models/toy` is an ordinary diffusers `StableDiffusionPipeline` folder (safetensors weights, SD 1.x
 PNDM scheduler config, no safety checker), so every loader of the project reads it like any SD 1.x
-model. The judge lives in its `judge/` subfolder, which diffusers ignores.
+model; `models/toy-xl` a `StableDiffusionXLPipeline` one (`toy_world.xl`). The judge lives in
+each folder's `judge/` subfolder, which diffusers ignores.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "toy"
+XL_MODEL_DIR = DEFAULT_MODEL_DIR.with_name("toy-xl")
 
 
 def default_model_path() -> Path:
@@ -53,9 +55,12 @@ def save_pipeline(pipe, folder: str | Path) -> Path:
 
 
 def load_toy_pipeline(folder: str | Path | None = None):
-    """Load the toy model (default: the committed one) for generation on the CPU."""
-    from diffusers import StableDiffusionPipeline
+    """Load a toy model (default: the committed SD 1.x one) for generation on the CPU, with the
+    pipeline class its folder names."""
+    from tinv_lib.models.architecture import of_folder
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder or DEFAULT_MODEL_DIR), safety_checker=None)
+    folder = Path(folder or DEFAULT_MODEL_DIR)
+    architecture = of_folder(folder)
+    pipe = architecture.pipeline_class().from_pretrained(str(folder), **architecture.pipeline_kwargs())
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -1,6 +1,7 @@
-"""The toy model's whole pretraining run: data, VAE, judge, text encoder + UNet, report.
+"""The toy model's whole pretraining run: data, VAE, judge, text encoder(s) + UNet, report.
 
-Deterministic from one seed. Stages run in order; the VAE stage's result (weights and cached
+`architecture` "sd1" trains everything (`models/toy`); "sdxl" (`models/toy-xl`, `toy_world.xl`)
+takes the VAE and judge of `base_model` and trains only its own text encoders and UNet. Deterministic from one seed. Stages run in order; the VAE stage's result (weights and cached
 latents) is kept in `work_dir`, keyed by the settings that produced it, so a rerun that only
 changes later settings starts at the diffusion stage. The final folder is written to a temporary
 sibling and renamed into place, so an interrupted run never leaves half a model.
@@ -21,7 +22,7 @@ import torch
 
 from tinv_lib.common.atomic import atomic_write_bytes
 from tinv_lib.common.torch_files import safe_torch_load
-from toy_world import autoencoder, diffusion, judge
+from toy_world import autoencoder, diffusion, judge, xl
 from toy_world.data import draw_images, make_scenes
 from toy_world.pipeline import DEFAULT_MODEL_DIR, assemble_pipeline, save_pipeline
 from toy_world.scoring import JUDGE_SUBFOLDER
@@ -35,6 +36,8 @@ class RecipeConfig:
 
     output_dir: Path = DEFAULT_MODEL_DIR
     work_dir: Path = Path("runs/toy_pretrain")
+    architecture: str = "sd1"  # or "sdxl"
+    base_model: Path = DEFAULT_MODEL_DIR  # sdxl: the VAE and judge come from here
     seed: int = 0
     threads: int = 2
     diffusion_processes: int = 2
@@ -115,33 +118,66 @@ def vae_stage(cfg: RecipeConfig, images: np.ndarray, log: Callable[[str], None])
     return vae, latents * scale, timing
 
 
+def base_vae_stage(cfg: RecipeConfig, images: np.ndarray, log: Callable[[str], None]):
+    """The base model's VAE and the scaled latents of `images` through it, with timings."""
+    from diffusers import AutoencoderKL
+
+    wall, cpu = time.time(), cpu_seconds()
+    vae = AutoencoderKL.from_pretrained(str(cfg.base_model / "vae"))
+    latents = autoencoder.encode_latents(vae, images) * vae.config.scaling_factor
+    log(f"encoded {len(images)} images with the VAE of {cfg.base_model}")
+    return vae, latents, {"wall_s": round(time.time() - wall, 1), "cpu_s": round(cpu_seconds() - cpu, 1)}
+
+
+def base_judge_stage(cfg: RecipeConfig):
+    """The base model's judge and the accuracy report it was saved with."""
+    folder = cfg.base_model / JUDGE_SUBFOLDER
+    return judge.load_judge(folder), json.loads((folder / "judge.json").read_text())["accuracy"]
+
+
+def build_text_side_and_unet(cfg: RecipeConfig):
+    """Tokenizer(s), text encoder(s) and UNet of `cfg.architecture`, fresh from the seed."""
+    from tinv_lib.models.tokenizer_build import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(cfg.work_dir / "tokenizer")
+    if cfg.architecture == "sdxl":
+        tokenizer_2 = build_clip_tokenizer(cfg.work_dir / "tokenizer_2", pad_token="!")
+        torch.manual_seed(cfg.seed + 1)
+        return xl.XlText([tokenizer, tokenizer_2], xl.build_text_encoders(tokenizer, tokenizer_2)), xl.build_unet()
+    torch.manual_seed(cfg.seed + 1)
+    text_encoder = diffusion.build_text_encoder(tokenizer)
+    return diffusion.Sd1Text(tokenizer, text_encoder), diffusion.build_unet()
+
+
+def assemble(cfg: RecipeConfig, vae, unet, text_encoders: list, tokenizers: list):
+    """The trained parts as the pipeline of `cfg.architecture`."""
+    if cfg.architecture == "sdxl":
+        return xl.assemble_xl_pipeline(vae, text_encoders, tokenizers, unet)
+    return assemble_pipeline(vae, text_encoders[0], tokenizers[0], unet)
+
+
 def diffusion_stage(cfg: RecipeConfig, vae, scenes, latents: torch.Tensor, log: Callable[[str], None]):
-    """Build the tokenizer, text encoder and UNet from the seed and train them jointly.
+    """Build the text side and UNet from the seed and train them jointly; the EMA pipeline.
 
     Every `checkpoint_every` steps the EMA model is saved to `work_dir/checkpoint` as a
     pipeline folder, so a long run can be watched (and judged) while it trains.
     """
-    from tinv_lib.models.tokenizer_build import build_clip_tokenizer
-
-    tokenizer = build_clip_tokenizer(cfg.work_dir / "tokenizer")
-    torch.manual_seed(cfg.seed + 1)
-    text_encoder = diffusion.build_text_encoder(tokenizer)
-    unet = diffusion.build_unet()
+    text, unet = build_text_side_and_unet(cfg)
     started = time.time()
 
     def report(step: int, loss: float) -> None:
         rate = step / max(time.time() - started, 1e-6)
         log(f"diffusion step {step}/{cfg.diffusion.steps} loss {loss:.4f} ({rate:.2f} steps/s)")
 
-    def checkpoint(step: int, ema_unet, ema_text_encoder) -> None:
-        save_pipeline(assemble_pipeline(vae, ema_text_encoder, tokenizer, ema_unet), cfg.work_dir / "checkpoint")
+    def checkpoint(step: int, ema_unet, ema_text_encoders) -> None:
+        save_pipeline(assemble(cfg, vae, ema_unet, ema_text_encoders, text.tokenizers), cfg.work_dir / "checkpoint")
         log(f"checkpoint at step {step} in {cfg.work_dir / 'checkpoint'}")
 
-    unet, text_encoder = diffusion.train_diffusion(
-        unet, text_encoder, tokenizer, latents, scenes, cfg.diffusion, report, checkpoint, cfg.checkpoint_every,
+    unet, text_encoders = diffusion.train_diffusion(
+        unet, text, latents, scenes, cfg.diffusion, report, checkpoint, cfg.checkpoint_every,
         processes=cfg.diffusion_processes,
     )
-    return tokenizer, text_encoder, unet
+    return assemble(cfg, vae, unet, text_encoders, text.tokenizers)
 
 
 def judge_stage(cfg: RecipeConfig, vae, images: np.ndarray, scenes, latents: torch.Tensor, log):
@@ -174,20 +210,22 @@ def run_recipe(cfg: RecipeConfig, log: Callable[[str], None] = print) -> dict:
     clock.stage("data", time.time() - wall, cpu_seconds() - cpu)
     log(f"drew {len(images)} images in {time.time() - wall:.0f}s")
 
-    vae, latents, vae_timing = vae_stage(cfg, images, log)
-    clock.stages["vae"] = vae_timing
+    if cfg.architecture == "sdxl":
+        vae, latents, clock.stages["vae"] = base_vae_stage(cfg, images, log)
+        net, judge_report = base_judge_stage(cfg)
+    else:
+        vae, latents, clock.stages["vae"] = vae_stage(cfg, images, log)
+        wall, cpu = time.time(), cpu_seconds()
+        net, judge_report = judge_stage(cfg, vae, images, scenes, latents, log)
+        clock.stage("judge", time.time() - wall, cpu_seconds() - cpu)
 
     wall, cpu = time.time(), cpu_seconds()
-    net, judge_report = judge_stage(cfg, vae, images, scenes, latents, log)
-    clock.stage("judge", time.time() - wall, cpu_seconds() - cpu)
-
-    wall, cpu = time.time(), cpu_seconds()
-    tokenizer, text_encoder, unet = diffusion_stage(cfg, vae, scenes, latents, log)
+    pipe = diffusion_stage(cfg, vae, scenes, latents, log)
     clock.stage("diffusion", time.time() - wall, cpu_seconds() - cpu)
 
     staging = cfg.output_dir.with_name(cfg.output_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    save_pipeline(assemble_pipeline(vae, text_encoder, tokenizer, unet), staging)
+    save_pipeline(pipe, staging)
     judge.save_judge(net, staging / JUDGE_SUBFOLDER, judge_report)
     report = {
         "config": _jsonable(asdict(replace(cfg))),
