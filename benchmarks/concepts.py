@@ -242,11 +242,11 @@ def diffusers_spot_check(concept: Concept, model: Path, judge, final_file: Path,
     """The final `.safetensors` through diffusers' `load_textual_inversion`, same seeds: its judged
     rate and its largest pixel difference from tinv's own images."""
     import numpy as np
-    from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_textual_inversion(str(final_file.with_suffix(".safetensors")), token=concept.name)
+    from toy_world.pipeline import load_toy_pipeline
+
+    pipe = load_toy_pipeline(model)
+    load_in_diffusers(pipe, final_file.with_suffix(".safetensors"), concept.name)
     cases = reconstruction_cases(concept, concept.name, count)
     result = quality.run_cases(quality.pipeline_generator(pipe, sampling["steps"], sampling["guidance_scale"]),
                                cases, judge)
@@ -255,11 +255,26 @@ def diffusers_spot_check(concept: Concept, model: Path, judge, final_file: Path,
     return {"n": count, "match": result["match"], "max_pixel_difference": difference}
 
 
+def load_in_diffusers(pipe, file: Path, token: str) -> None:
+    """diffusers' own `load_textual_inversion`: once for SD 1.x, once per encoder for SDXL (its
+    documented way: the `clip_l` vectors into the first encoder, `clip_g` into the second)."""
+    from safetensors.torch import load_file
+
+    if getattr(pipe, "text_encoder_2", None) is None:
+        pipe.load_textual_inversion(str(file), token=token)
+        return
+    state = load_file(str(file))
+    pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+
+
 def measure_concept(concept: Concept, options: dict) -> dict:
     """Everything the suite knows about one concept: from words, untrained, trained, time, spot check."""
     from tinv_lib.embeddings.create import create_embedding
     from tinv_lib.embeddings.diagnostics import diagnose_embedding, vocabularies_of, warnings_for
     from tinv_lib.embeddings.formats import load_embedding
+    from tinv_lib.models.family import family_of
     from toy_world.judge import load_judge
     from toy_world.pipeline import load_toy_pipeline
 
@@ -270,7 +285,8 @@ def measure_concept(concept: Concept, options: dict) -> dict:
     data = write_data(concept, folder / "data", options["masks"])
     training = train(concept, model, data, folder / "run", options["train_flags"], options["eval_every"])
     trained = load_embedding(training.final)
-    untrained = create_embedding(concept.name, pipe.tokenizer, pipe.text_encoder, concept.init_text,
+    family = family_of(pipe)
+    untrained = create_embedding(concept.name, family.tokenizers, family.text_encoders, concept.init_text,
                                  trained.vector_count)
 
     def judged(subject: str, embedding=None) -> dict:
@@ -281,7 +297,7 @@ def measure_concept(concept: Concept, options: dict) -> dict:
     results = {"words": judged(concept.words()), "untrained": judged(concept.name, untrained),
                "trained": judged(concept.name, trained)}
     spot = options["spot_check"]
-    vocabularies = vocabularies_of([pipe.tokenizer], [pipe.text_encoder])
+    vocabularies = vocabularies_of(family.tokenizers, family.text_encoders)
     diagnosis = diagnose_embedding(trained.vectors, vocabularies, untrained.vectors)
     report = {
         "concept": asdict(concept), "target": concept.target,

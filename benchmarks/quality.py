@@ -107,7 +107,9 @@ def pipeline_generator(
 ) -> GenerateFn:
     """A generator over a plain diffusers pipeline: image i comes from `torch.Generator(seed_i)`,
     so each image depends only on its own prompt and seed (up to the float rounding of batched
-    matmuls), never on its neighbours in the batch."""
+    matmuls), never on its neighbours in the batch. No negative prompt is passed as None, as a
+    diffusers user would call it: SDXL pipelines then use zeros (`force_zeros_for_empty_prompt`),
+    but encode an explicit "" as text."""
 
     def generate(prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
         images: list[Image.Image] = []
@@ -116,7 +118,8 @@ def pipeline_generator(
             generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + batch_size]]
             with torch.no_grad():
                 out = pipe(
-                    prompt=chunk, negative_prompt=[negative_prompt] * len(chunk), num_inference_steps=steps,
+                    prompt=chunk, negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
+                    num_inference_steps=steps,
                     guidance_scale=guidance_scale, height=64, width=64, generator=generators,
                 )
             images += out.images
@@ -199,9 +202,12 @@ def measure_concept(pipe, judge, embedding_file: Path, count: int = 32, seed: in
     attribute of the concept. Returns {"trained": result, "untrained": result, "cases": cases}."""
     from tinv_lib.embeddings.create import create_embedding
     from tinv_lib.embeddings.formats import load_embedding
+    from tinv_lib.models.family import family_of
 
     trained = load_embedding(embedding_file)
-    untrained = create_embedding(CONCEPT_TOKEN, pipe.tokenizer, pipe.text_encoder, CONCEPT_INIT, trained.vector_count)
+    family = family_of(pipe)
+    untrained = create_embedding(CONCEPT_TOKEN, family.tokenizers, family.text_encoders, CONCEPT_INIT,
+                                 trained.vector_count)
     cases = concept_cases(CONCEPT_PROMPT, CONCEPT, count, seed)
     results = {
         label: run_cases(tinv_generator(pipe, embeddings={CONCEPT_TOKEN: embedding}, **sampling), cases, judge)
