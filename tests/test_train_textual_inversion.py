@@ -49,6 +49,32 @@ def test_only_the_new_vectors_train(arch, request, training_images, tmp_path):
     assert saved.step == 4 and saved.sd_checkpoint == task.model_info.short_hash
 
 
+@pytest.mark.parametrize("trained", ["clip_l", "clip_g"])
+def test_sdxl_trains_one_encoders_vectors_alone(trained, tiny_sdxl_path, training_images, tmp_path):
+    """--train_encoders: only the chosen encoder's vectors move; the other's are saved at their
+    init values, bit for bit, and the optimizer holds only the trained ones."""
+    from tinv_lib.embeddings.create import create_embedding_vectors
+
+    args = parse_args(_argv(tiny_sdxl_path, training_images, tmp_path, "--max_train_steps", "3", "--learning_rate",
+                            "0.05", "--train_encoders", trained))
+    task = TextualInversionTask(args)
+    assert train(args, task) == 0
+    family = task.family
+    init = create_embedding_vectors(family.tokenizers, family.text_encoders, "a red tree", 3)
+    saved = load_embedding(tmp_path / "my-thing.safetensors").vectors
+    other = "clip_g" if trained == "clip_l" else "clip_l"
+    assert torch.equal(saved[other], init[other])
+    assert (saved[trained] - init[trained]).abs().max() > 1e-3
+    assert [p.shape[1] for p in task.parameters()] == [saved[trained].shape[1]]
+
+
+def test_train_encoders_on_a_one_encoder_model_is_refused(tiny_sd1_path, training_images, tmp_path, capsys):
+    code = main(_argv(tiny_sd1_path, training_images, tmp_path, "--max_train_steps", "2", "--train_encoders", "clip_g"))
+    out = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and out[-1].startswith("error: --train_encoders clip_g needs an SDXL model"), out
+    assert not (tmp_path / "my-thing.pt").exists()
+
+
 def test_fixed_batch_loss_drops_after_100_steps(tiny_sd1_path, training_images, tmp_path):
     from tinv_lib.training.data import load_images
     from tinv_lib.training.evaluation import fixed_batch_loss

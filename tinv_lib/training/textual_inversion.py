@@ -34,6 +34,7 @@ from tinv_lib.training.preflight import require_file
 KIND = "textual_inversion"
 MAX_VECTORS = 75
 REQUIRED = ["pretrained_model_name_or_path", "train_data_dir", "placeholder_token"]
+TRAIN_ENCODERS = ("all", "clip_l", "clip_g")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--initializer_token", default="*", help='init text, any number of tokens ("" = zero vectors)')
     group.add_argument("--num_vectors", type=int, default=1, help="vectors per token (1-75)")
     group.add_argument("--resume_from_embedding", help="continue training this embedding file (its step count continues)")
+    group.add_argument("--train_encoders", choices=TRAIN_ENCODERS, default="all",
+                       help="SDXL: train only the clip_l or only the clip_g vectors; the other encoder's vectors keep "
+                            "their init (or resumed) values and are saved as they are")
     add_training_arguments(parser, default_lr="0.005", default_template="subject_filewords", default_weight_decay=0.0)
     mark_required(parser, REQUIRED)
     return parser
@@ -97,7 +101,18 @@ class TextualInversionTask:
             initial = {family.embedding_keys[0]: initial}
         self.vectors = {key: torch.nn.Parameter(value.to(device, torch.float32).clone()) for key, value in initial.items()}
         self.initial = {key: value.detach().to("cpu", torch.float32).clone() for key, value in initial.items()}
+        self._freeze_untrained_encoders(args.train_encoders)
         return step
+
+    def _freeze_untrained_encoders(self, train_encoders: str) -> None:
+        """`--train_encoders clip_l|clip_g`: the other encoder's vectors stop being trainable."""
+        if train_encoders == "all":
+            return
+        if train_encoders not in self.vectors:
+            raise TinvError(f"--train_encoders {train_encoders} needs an SDXL model (clip_l and clip_g); this "
+                            f"{self.family.architecture.label} model has one text encoder: leave it at 'all'")
+        for key, vectors in self.vectors.items():
+            vectors.requires_grad_(key == train_encoders)
 
     def _check_name_is_not_a_word(self) -> None:
         """A name that is one word of the vocabulary would take that word over in every prompt
@@ -138,7 +153,7 @@ class TextualInversionTask:
         return data.get("optimizer_state_dict")
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.vectors.values())
+        return [vectors for vectors in self.vectors.values() if vectors.requires_grad]
 
     def set_training(self, training: bool) -> None:
         """Vectors have no train/eval behaviour."""
