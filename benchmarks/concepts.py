@@ -182,10 +182,19 @@ class Training:
     wall_seconds: dict[int, float]
 
 
-def write_data(concept: Concept, folder: Path, masks: bool) -> Path:
-    """The concept's 8 training images (no captions), with `-masklabel.png` files if `masks`."""
+def write_data(concept: Concept, folder: Path, masks: bool, captions: bool = False) -> Path:
+    """The concept's 8 training images, with `-masklabel.png` files if `masks`.
+
+    No captions by default. With `captions`, each image's `.txt` names what is *not* the concept:
+    an object concept's background ("on a striped teal background"), nothing for a scene concept
+    (its background is part of it). That is how users caption a concept (describe what should stay
+    promptable), and it gives `--caption_dropout` a caption to drop."""
     scenes = concept.scenes()
-    return write_example_folder(folder, scenes, masks=masks)
+    texts = None
+    if captions:
+        texts = [f"on a {world.background_phrase(scene.background, scene.background_colour)} background"
+                 if concept.kind == "object" else "" for scene in scenes]
+    return write_example_folder(folder, scenes, captions=texts, masks=masks)
 
 
 def train(concept: Concept, model: Path, data: Path, output_dir: Path, extra_flags: Sequence[str],
@@ -282,7 +291,7 @@ def measure_concept(concept: Concept, options: dict) -> dict:
     model, count, sampling = options["model"], options["num_seeds"], options["sampling"]
     pipe, judge = load_toy_pipeline(model), load_judge(model / "judge")
     folder = options["work_dir"] / concept.name
-    data = write_data(concept, folder / "data", options["masks"])
+    data = write_data(concept, folder / "data", options["masks"], options["captions"])
     training = train(concept, model, data, folder / "run", options["train_flags"], options["eval_every"])
     trained = load_embedding(training.final)
     family = family_of(pipe)
@@ -453,6 +462,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--guidance_scale", type=float, default=quality.DEFAULT_GUIDANCE)
     parser.add_argument("--train_flags", default="", help='extra training flags, e.g. "--learning_rate 0.002" (they win)')
     parser.add_argument("--masks", action="store_true", help="write -masklabel.png object masks beside the images")
+    parser.add_argument("--captions", action="store_true",
+                        help="caption object concepts' images with their background (train with a [filewords] "
+                             "template, e.g. --train_flags \"--template_file subject_filewords\")")
     parser.add_argument("--eval_every", type=int, default=EVAL_EVERY, help="steps between judged intermediate files")
     parser.add_argument("--spot_check", type=int, default=8, help="seeds re-made through diffusers (0: none)")
     parser.add_argument("--workers", type=int, default=2, help="concepts measured in parallel (one thread each)")
@@ -489,11 +501,13 @@ def main(argv: list[str] | None = None) -> int:
     workers = max(1, min(args.workers, len(concepts)))
     options = {"model": args.model.resolve(), "num_seeds": args.num_seeds, "work_dir": args.work_dir.resolve(),
                "sampling": {"steps": args.steps, "guidance_scale": args.guidance_scale},
-               "train_flags": shlex.split(args.train_flags), "masks": args.masks, "eval_every": args.eval_every,
+               "train_flags": shlex.split(args.train_flags), "masks": args.masks, "captions": args.captions,
+               "eval_every": args.eval_every,
                "spot_check": min(args.spot_check, args.num_seeds), "save_grids": args.save_grids,
                "threads": args.threads or (1 if workers > 1 else 2)}
     print(f"{len(concepts)} concepts, {args.num_seeds} seeds, {args.steps} steps, CFG {args.guidance_scale}, "
-          f"flags: {' '.join(RECIPE_FLAGS)} {args.train_flags}{' (masks)' if args.masks else ''}", flush=True)
+          f"flags: {' '.join(RECIPE_FLAGS)} {args.train_flags}{' (masks)' if args.masks else ''}"
+          f"{' (captions)' if args.captions else ''}", flush=True)
     started = time.perf_counter()
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -508,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"({time.perf_counter() - started:.0f} s in all)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"flags": [*RECIPE_FLAGS, *options["train_flags"]], "masks": args.masks, "seeds": args.num_seeds,
+        payload = {"flags": [*RECIPE_FLAGS, *options["train_flags"]], "masks": args.masks, "captions": args.captions, "seeds": args.num_seeds,
                    "summaries": summaries, "concepts": reports}
         args.json.write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")
     return 0

@@ -41,9 +41,14 @@ VARIANTS = {
     "ema0999": "--ema_decay 0.999 --save_ema",
     "t_min200": "--min_timestep 200",
     "t_max800": "--max_timestep 800",
+    "captions": "--template_file subject_filewords",
+    "captions_drop01": "--template_file subject_filewords --caption_dropout 0.1",
+    "captions_drop03": "--template_file subject_filewords --caption_dropout 0.3",
 }
-# Not here: --caption_dropout. The suite's images have no captions (a concept with no name), so
-# the recipe's template has no [filewords] to drop; measuring it needs captioned concepts.
+# Caption dropout needs captions: these variants caption each object concept's images with its
+# background (`concepts.py --captions`), and compare with and without dropping them. Their
+# baseline is "captions", not the (uncaptioned) README recipe.
+CAPTIONED = {"captions", "captions_drop01", "captions_drop03"}
 
 
 def run_variant(name: str, work_dir: Path, workers: int) -> Path:
@@ -56,6 +61,8 @@ def run_variant(name: str, work_dir: Path, workers: int) -> Path:
                "--work_dir", str(work_dir / name), "--json", str(result)]
     if VARIANTS[name]:
         command += ["--train_flags", VARIANTS[name]]
+    if name in CAPTIONED:
+        command.append("--captions")
     with open(work_dir / f"{name}.log", "w") as log:
         subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
     return result
@@ -70,6 +77,8 @@ def row(name: str, data: dict) -> str:
     norm = statistics.median(max(d["norm_ratio"] for d in r["diagnostics"]) for r in reports)
     seconds = summary["median_cpu_seconds_to_concept"]
     flags = f"`{VARIANTS[name]}`" if VARIANTS[name] else "README recipe"
+    if name in CAPTIONED:
+        flags += ", object images captioned with their background"
     return (f"| {flags} | {summary['captured']}/{summary['drawable']} | {summary['objects_editable']}/{summary['objects']} "
             f"| {'-' if seconds is None else f'{seconds:.0f}'} | {reconstruction:.0%} | {edit:.0%} | {norm:.1f} |")
 

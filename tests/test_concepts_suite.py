@@ -35,6 +35,20 @@ def test_concepts_cover_the_world_and_split_into_halves_of_both_kinds():
     assert not any(c.name in tokenizer_words for c in suite)
 
 
+def test_captions_name_what_is_not_the_concept(tmp_path):
+    """--captions: an object concept's captions name each image's own background (the part that
+    should stay promptable); a scene concept's are empty (its background is the concept)."""
+    by_kind = {c.kind: c for c in concepts.CONCEPTS}
+    for kind, concept in by_kind.items():
+        folder = concepts.write_data(concept, tmp_path / kind, masks=False, captions=True)
+        for scene, text in zip(read_example_scenes(folder), sorted(folder.glob("*.txt"))):
+            expected = (f"on a {world.background_phrase(scene.background, scene.background_colour)} background"
+                        if kind == "object" else "")
+            assert text.read_text().strip() == expected
+        assert len(list(folder.glob("*.txt"))) == concepts.TRAIN_IMAGES
+    assert not list(concepts.write_data(by_kind["object"], tmp_path / "plain", masks=False).glob("*.txt"))
+
+
 def test_training_scenes_fix_what_the_concept_fixes_and_vary_the_rest():
     for concept in concepts.CONCEPTS:
         scenes = concept.scenes()
