@@ -1,4 +1,5 @@
-"""The toy model's text encoder and UNet, and their joint training from scratch on cached latents.
+"""The toy model's text encoder and UNet, and the joint training from scratch on cached latents
+(of any text side: `Sd1Text` here, `toy_world.xl.XlText` for the SDXL layout).
 
 Shapes follow SD 1.x (CLIPTextModel with a causal mask and all 77 output states as context,
 UNet2DConditionModel with cross-attention, an SD scheduler on scaled-linear betas), only
@@ -237,7 +238,7 @@ def train_diffusion(
     checkpoint_every: int = 500,
     processes: int = 1,
 ):
-    """Train UNet and text encoder jointly on scaled `latents` captioned from `scenes`.
+    """Train the UNet and the text encoder(s) jointly on scaled `latents` captioned from `scenes`.
 
     `text` is the text side (`Sd1Text`, `toy_world.xl.XlText`); its encoders train with the UNet.
     Returns the EMA copies `(unet, text_encoders)` in eval mode; `log(step, mean loss)` is
