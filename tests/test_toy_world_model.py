@@ -187,18 +187,21 @@ def _short(flags, steps: str) -> list[str]:
     ("train_textual_inversion.py", "CONCEPT_TRAINING_FLAGS"), ("train_hypernetwork.py", "STYLE_TRAINING_FLAGS"),
 ])
 def test_readme_commands_train_what_the_quality_benchmark_measures(script, flags_name):
-    """The README's quickstart and hypernetwork commands use quality.py's training flags."""
+    """The README's quickstart and hypernetwork commands (on models/toy and models/toy-xl) use
+    quality.py's training flags."""
     import shlex
 
     import quality
 
-    line = next(line for line in (ROOT / "README.md").read_text().splitlines()
-                if f"{script} --pretrained_model_name_or_path models/toy" in line)
-    argv = shlex.split(line.split(script, 1)[1])
-    given = dict(zip(argv[::2], argv[1::2]))
+    lines = [line for line in (ROOT / "README.md").read_text().splitlines()
+             if f"{script} --pretrained_model_name_or_path models/toy" in line]
     flags = getattr(quality, flags_name)
     expected = dict(zip(flags[::2], flags[1::2]))
-    assert {key: given.get(key) for key in expected} == expected
+    assert lines
+    for line in lines:
+        argv = shlex.split(line.split(script, 1)[1])
+        given = dict(zip(argv[::2], argv[1::2]))
+        assert {key: given.get(key) for key in expected} == expected, line
 
 
 def test_untrained_concept_embedding_draws_its_init_text(pipe, judge, tmp_path):
