@@ -5,9 +5,11 @@ Every variant adds its flags to the recipe (`quality.CONCEPT_TRAINING_FLAGS`) an
 `concepts.py` on the tuning half's concepts that the model draws from words (the others measure
 the model, not training), with the same seeds, judge and sampling. A variant's results are kept
 in `<work_dir>/<variant>.json` and not run again, so a sweep stopped half-way goes on where it
-stopped. The table compares: concepts captured, object concepts editable, median CPU seconds
-to concept, mean reconstruction and edit rates, and the longest vector's norm over the
-vocabulary's median (median over the concepts).
+stopped. The table compares: concepts captured, object concepts editable, median training steps and
+CPU seconds to concept (the first judged file, every 200 steps, that reaches 75%; CPU seconds
+also grow with the machine's load), mean reconstruction and edit rates (edits of scenes and of
+objects apart), and the longest vector's norm over the vocabulary's median (median over the
+concepts).
 
     python benchmarks/sweep_options.py                       # every variant, then the table
     python benchmarks/sweep_options.py --variants snr5 prodigy
@@ -73,19 +75,23 @@ def row(name: str, data: dict) -> str:
     summary = next(iter(data["summaries"].values()))
     reports = [r for r in data["concepts"] if r["words"]["reconstruction"]["match"] >= 0.75]
     reconstruction = statistics.mean(r["trained"]["reconstruction"]["match"] for r in reports)
-    edit = statistics.mean(r["trained"]["edit"]["match"] for r in reports)
+    edits = {kind: statistics.mean(r["trained"]["edit"]["match"] for r in reports if r["concept"]["kind"] == kind)
+             for kind in ("scene", "object")}
     norm = statistics.median(max(d["norm_ratio"] for d in r["diagnostics"]) for r in reports)
+    steps = [r["time_to_concept"]["step"] for r in reports if r["time_to_concept"]["step"] is not None]
     seconds = summary["median_cpu_seconds_to_concept"]
     flags = f"`{VARIANTS[name]}`" if VARIANTS[name] else "README recipe"
     if name in CAPTIONED:
         flags += ", object images captioned with their background"
     return (f"| {flags} | {summary['captured']}/{summary['drawable']} | {summary['objects_editable']}/{summary['objects']} "
-            f"| {'-' if seconds is None else f'{seconds:.0f}'} | {reconstruction:.0%} | {edit:.0%} | {norm:.1f} |")
+            f"| {f'{statistics.median(steps):.0f}' if steps else '-'} | {'-' if seconds is None else f'{seconds:.0f}'} "
+            f"| {reconstruction:.0%} | {edits['scene']:.0%} | {edits['object']:.0%} | {norm:.1f} |")
 
 
 def table(work_dir: Path, names: list[str]) -> str:
-    lines = ["| variant | captured | objects editable | median CPU-s to concept | mean reconstruction | mean edit "
-             "| norm × median |", "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | captured | objects editable | median steps to concept | median CPU-s to concept "
+             "| mean reconstruction | mean edit, scenes | mean edit, objects | norm × median |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         path = work_dir / f"{name}.json"
         if path.is_file():
