@@ -188,6 +188,9 @@ def train_concept(model: Path, output_dir: Path, flags: Sequence[str] = CONCEPT_
     """Run train_textual_inversion on the concept examples (README flags); return the file and seconds."""
     from tinv_lib.training.textual_inversion import main as train_textual_inversion
 
+    flags = list(flags)
+    if "--sizes" in flags:  # the recipe's modules sit on the text context only: its width is the model's
+        flags[flags.index("--sizes") + 1] = str(context_width(model))
     started = time.time()
     argv = ["--pretrained_model_name_or_path", str(model), *_rooted(flags), "--output_dir", str(output_dir),
             "--validation_steps", "0", "--checkpointing_steps", "0", "--report_to", "none"]
@@ -232,10 +235,18 @@ STYLE_TRAINING_FLAGS = (
 )
 
 
+def context_width(model: Path) -> int:
+    """The width of the text context the UNet cross-attends to (96 for models/toy, 160 for toy-xl)."""
+    return int(json.loads((Path(model) / "unet" / "config.json").read_text())["cross_attention_dim"])
+
+
 def train_style(model: Path, output_dir: Path, flags: Sequence[str] = STYLE_TRAINING_FLAGS) -> tuple[Path, float]:
     """Run train_hypernetwork on the style examples (README flags); return its folder and seconds."""
     from tinv_lib.training.hypernetwork import main as train_hypernetwork
 
+    flags = list(flags)
+    if "--sizes" in flags:  # the recipe's modules sit on the text context only: its width is the model's
+        flags[flags.index("--sizes") + 1] = str(context_width(model))
     started = time.time()
     argv = ["--pretrained_model_name_or_path", str(model), *_rooted(flags), "--output_dir", str(output_dir),
             "--validation_steps", "0", "--checkpointing_steps", "0", "--report_to", "none"]
