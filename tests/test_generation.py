@@ -61,12 +61,18 @@ def test_sd1_file_we_write_loads_in_diffusers_and_gives_our_image(tmp_path, fres
     assert not np.array_equal(ours, ours_image(tiny_pipeline("sd1"), "a painting of a cat, tree", 3))
 
 
-def test_sdxl_file_we_write_loads_in_diffusers_with_two_calls(tmp_path, fresh_pipeline):
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_sdxl_file_we_write_loads_in_diffusers_with_two_calls(tmp_path, fresh_pipeline, suffix):
+    """Both files hold `clip_l` and `clip_g` (the keys A1111, ComfyUI and kohya read); a diffusers
+    user loads each with one `load_textual_inversion` per encoder and gets tinv's images."""
+    from tinv_lib.common.torch_files import safe_torch_load
+
     generator = torch.Generator().manual_seed(8)
     vectors = {"clip_l": torch.randn(3, 32, generator=generator), "clip_g": torch.randn(3, 48, generator=generator)}
-    path = save_embedding(Embedding("xlstyle", vectors), tmp_path / "xlstyle.safetensors")
+    path = save_embedding(Embedding("xlstyle", vectors), tmp_path / f"xlstyle{suffix}")
     theirs = fresh_pipeline("sdxl")
-    state = load_file(path)
+    state = load_file(path) if suffix == ".safetensors" else safe_torch_load(path)
+    assert set(state) >= {"clip_l", "clip_g"}
     theirs.load_textual_inversion(state["clip_l"], token="xlstyle", text_encoder=theirs.text_encoder, tokenizer=theirs.tokenizer)
     theirs.load_textual_inversion(
         state["clip_g"], token="xlstyle", text_encoder=theirs.text_encoder_2, tokenizer=theirs.tokenizer_2
