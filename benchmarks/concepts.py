@@ -522,8 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"({time.perf_counter() - started:.0f} s in all)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"flags": [*RECIPE_FLAGS, *options["train_flags"]], "masks": args.masks, "captions": args.captions, "seeds": args.num_seeds,
-                   "summaries": summaries, "concepts": reports}
+        payload = {"flags": [*RECIPE_FLAGS, *options["train_flags"]], "masks": args.masks, "captions": args.captions,
+                   "seeds": args.num_seeds, "summaries": summaries, "concepts": reports}
         args.json.write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")
     return 0
 

@@ -188,9 +188,6 @@ def train_concept(model: Path, output_dir: Path, flags: Sequence[str] = CONCEPT_
     """Run train_textual_inversion on the concept examples (README flags); return the file and seconds."""
     from tinv_lib.training.textual_inversion import main as train_textual_inversion
 
-    flags = list(flags)
-    if "--sizes" in flags:  # the recipe's modules sit on the text context only: its width is the model's
-        flags[flags.index("--sizes") + 1] = str(context_width(model))
     started = time.time()
     argv = ["--pretrained_model_name_or_path", str(model), *_rooted(flags), "--output_dir", str(output_dir),
             "--validation_steps", "0", "--checkpointing_steps", "0", "--report_to", "none"]

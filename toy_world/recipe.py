@@ -1,7 +1,9 @@
 """The toy model's whole pretraining run: data, VAE, judge, text encoder(s) + UNet, report.
 
 `architecture` "sd1" trains everything (`models/toy`); "sdxl" (`models/toy-xl`, `toy_world.xl`)
-takes the VAE and judge of `base_model` and trains only its own text encoders and UNet. Deterministic from one seed. Stages run in order; the VAE stage's result (weights and cached
+takes the VAE and judge of `base_model` and trains only its own text encoders and UNet.
+
+Deterministic from one seed. Stages run in order; the VAE stage's result (weights and cached
 latents) is kept in `work_dir`, keyed by the settings that produced it, so a rerun that only
 changes later settings starts at the diffusion stage. The final folder is written to a temporary
 sibling and renamed into place, so an interrupted run never leaves half a model.
@@ -132,7 +134,7 @@ def base_vae_stage(cfg: RecipeConfig, images: np.ndarray, log: Callable[[str], N
 def base_judge_stage(cfg: RecipeConfig):
     """The base model's judge and the accuracy report it was saved with."""
     folder = cfg.base_model / JUDGE_SUBFOLDER
-    return judge.load_judge(folder), json.loads((folder / "judge.json").read_text())["accuracy"]
+    return judge.load_judge(folder), json.loads((folder / judge.CONFIG_NAME).read_text())["accuracy"]
 
 
 def build_text_side_and_unet(cfg: RecipeConfig):

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from toy_world.diffusion import TOY_BETAS, TOY_PREDICTION, CaptionTokens
+from toy_world.diffusion import TOY_BETAS, TOY_PREDICTION, UNET_CONFIG, CaptionTokens
 
 CLIP_L_WIDTH = 64
 CLIP_G_WIDTH = 96
@@ -32,14 +32,9 @@ TEXT_LAYERS = 4
 IMAGE_SIZE = 64
 TIME_EMBED_DIM = 16  # SDXL: 256 per id
 
+# The SD 1.x toy UNet (same levels and channels) with SDXL's conditioning and attention layout.
 XL_UNET_CONFIG = {
-    "sample_size": 16,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": (32, 64, 128),
-    "layers_per_block": 1,
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    **UNET_CONFIG,
     "transformer_layers_per_block": (1, 1, 2),  # deeper at the coarsest level, as SDXL's (1, 2, 10)
     "attention_head_dim": (2, 4, 8),  # heads per level (diffusers' SDXL configs use the name so)
     "use_linear_projection": True,
@@ -47,7 +42,6 @@ XL_UNET_CONFIG = {
     "addition_embed_type": "text_time",
     "addition_time_embed_dim": TIME_EMBED_DIM,
     "projection_class_embeddings_input_dim": CLIP_G_WIDTH + 6 * TIME_EMBED_DIM,
-    "norm_num_groups": 32,
 }
 
 
