@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 
 
 def _saved_tiny(tmp_path_factory: pytest.TempPathFactory, arch: str) -> Path:
-    from tinv_lib.models.tiny import save_tiny_pipeline
+    from testing.tiny import save_tiny_pipeline
 
     return save_tiny_pipeline(arch, tmp_path_factory.mktemp(f"tiny-{arch}") / "model")
 

@@ -130,6 +130,6 @@ def tiny_pipeline(arch: str):
     """A tiny pipeline per architecture, built once per test session and shared by the
     embedding/prompt/generation tests (which never modify it; tests that must modify one,
     e.g. diffusers' `load_textual_inversion`, build their own)."""
-    from tinv_lib.models.tiny import build_tiny_pipeline
+    from testing.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(arch)

@@ -91,7 +91,7 @@ def test_from_infotext_remakes_an_image_bit_for_bit(tiny_sd1_path, dirs, capsys)
     """With an embedding, a hypernetwork and a batch: image 2 of 3 is made again exactly."""
     save_embedding(Embedding("mystyle", torch.randn(2, 32, generator=torch.Generator().manual_seed(1))),
                    dirs["emb"] / "mystyle.safetensors")
-    from tinv_lib.models.tiny import build_tiny_pipeline
+    from testing.tiny import build_tiny_pipeline
 
     widths = context_widths(build_tiny_pipeline("sd1").unet)
     network = create_hypernetwork("ink", widths, make_options("1, 2, 1", "relu", "XavierNormal"), seed=2)

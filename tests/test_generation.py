@@ -43,7 +43,7 @@ def ours_image(pipe, prompt: str, seed: int, embeddings=None, **kwargs) -> np.nd
 @pytest.fixture(scope="module")
 def fresh_pipeline():
     """diffusers' loader changes the tokenizer and text encoder, so it gets pipelines of its own."""
-    from tinv_lib.models.tiny import build_tiny_pipeline
+    from testing.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from testing.tiny import build_tiny_pipeline
 from tinv_lib.hypernetworks import (
     HypernetworkAttnProcessor,
     apply_hypernetworks,
@@ -23,7 +24,6 @@ from tinv_lib.hypernetworks import (
     make_options,
     save_hypernetwork,
 )
-from tinv_lib.models.tiny import build_tiny_pipeline
 
 
 @pytest.fixture(scope="module")

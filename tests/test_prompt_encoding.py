@@ -8,10 +8,10 @@ import pytest
 import torch
 from helpers_embeddings import tiny_pipeline
 
+from testing.tiny import build_tiny_pipeline
 from tinv_lib.common.errors import TinvError
 from tinv_lib.embeddings import Embedding
 from tinv_lib.embeddings.create import create_embedding, create_embedding_vectors
-from tinv_lib.models.tiny import build_tiny_pipeline
 from tinv_lib.prompts.encoding import PromptEncoder
 
 ARCHS = ["sd1", "sd2-v", "sdxl"]

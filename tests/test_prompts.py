@@ -54,7 +54,7 @@ def test_bad_weight_is_a_one_line_error():
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from tinv_lib.models.tokenizer_build import build_clip_tokenizer
+    from testing.tokenizer_build import build_clip_tokenizer
 
     return build_clip_tokenizer(tmp_path_factory.mktemp("tok"))
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tinv_lib.models.tiny import ARCHITECTURES, build_tiny_pipeline
-from tinv_lib.models.tokenizer_build import COMMON_WORDS, END_TOKEN, START_TOKEN, write_clip_tokenizer_files
+from testing.tiny import ARCHITECTURES, build_tiny_pipeline
+from testing.tokenizer_build import COMMON_WORDS, END_TOKEN, START_TOKEN, write_clip_tokenizer_files
 
 
 def _generate(pipe, seed: int) -> np.ndarray:

@@ -86,7 +86,7 @@ def test_scenes_and_images_are_deterministic():
 
 
 def test_captions_use_single_tokens_and_name_the_ground_truth(tmp_path):
-    from tinv_lib.models.tokenizer_build import build_clip_tokenizer
+    from testing.tokenizer_build import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer(tmp_path / "tok")
     scene = world.Scene("star", "red", "striped", "teal", outline=True)

@@ -139,7 +139,7 @@ def base_judge_stage(cfg: RecipeConfig):
 
 def build_text_side_and_unet(cfg: RecipeConfig):
     """Tokenizer(s), text encoder(s) and UNet of `cfg.architecture`, fresh from the seed."""
-    from tinv_lib.models.tokenizer_build import build_clip_tokenizer
+    from testing.tokenizer_build import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer(cfg.work_dir / "tokenizer")
     if cfg.architecture == "sdxl":

@@ -5,7 +5,7 @@ and colour, the outline style, and the jitter (position, size, rotation, pattern
 the scene is kept, every drawn image has exact ground truth, which is what lets the judge be
 trained and what lets the quality benchmark say whether a prompt was followed.
 
-Every word used in captions is a single token of `tinv_lib.models.tokenizer_build.COMMON_WORDS`, so the
+Every word used in captions is a single token of `testing.tokenizer_build.COMMON_WORDS`, so the
 text encoder sees one token per attribute.
 """
 

@@ -47,7 +47,7 @@ XL_UNET_CONFIG = {
 
 def build_text_encoders(tokenizer, tokenizer_2) -> list:
     """Fresh clip_l and clip_g encoders (random weights from the torch seed)."""
-    from tinv_lib.models.tiny import make_text_encoder
+    from testing.tiny import make_text_encoder
 
     clip_l = make_text_encoder(tokenizer, CLIP_L_WIDTH, layers=TEXT_LAYERS, intermediate=CLIP_L_WIDTH * 4)
     clip_g = make_text_encoder(tokenizer_2, CLIP_G_WIDTH, with_projection=True, act="gelu", layers=TEXT_LAYERS,

@@ -96,14 +96,14 @@ PRESETS = {
 
 def build_pipeline(preset: Preset, seed: int, workdir: Path):
     """The preset's pipeline from config, weights deterministic from `seed`, made of the same
-    parts as `tinv_lib.models.tiny`'s (its VAE, CLIP text encoder and pipeline assembly) at the
+    parts as `testing.tiny`'s (its VAE, CLIP text encoder and pipeline assembly) at the
     preset's sizes. The text encoders have the real CLIP vocabulary size (49408 rows), so the
     bytes a full-matrix trainer would hold are the real ones; our tokenizer uses the first few
     hundred."""
     from diffusers import UNet2DConditionModel
 
-    from tinv_lib.models.tiny import assemble_pipeline, make_text_encoder, make_vae
-    from tinv_lib.models.tokenizer_build import END_TOKEN, build_clip_tokenizer
+    from testing.tiny import assemble_pipeline, make_text_encoder, make_vae
+    from testing.tokenizer_build import END_TOKEN, build_clip_tokenizer
 
     torch.manual_seed(seed)
     latent = preset.resolution // 2 ** (len(preset.vae["block_out_channels"]) - 1)

@@ -1,7 +1,7 @@
 """Tiny Stable Diffusion pipelines built from config in code: SD1, SD2 (v-prediction) and SDXL.
 
 Used by the tests and by anyone without a real model. Nothing is downloaded: the tokenizer is
-made by `tinv_lib.models.tokenizer_build`, the weights are random but deterministic from a seed. The
+made by `testing.tokenizer_build`, the weights are random but deterministic from a seed. The
 components have the real classes and folder layout, so every code path (training, file formats,
 single-file loading, generation) runs on them as on a real model, in seconds on a CPU.
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tinv_lib.models.tokenizer_build import END_TOKEN, build_clip_tokenizer
+from testing.tokenizer_build import END_TOKEN, build_clip_tokenizer
 
 ARCHITECTURES = ("sd1", "sd2-v", "sdxl")
 
@@ -177,7 +177,7 @@ def save_tiny_pipeline(arch: str, folder: str | Path, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m tinv_lib.models.tiny sd1 DIR [--seed N]`: write a tiny model folder."""
+    """`python -m testing.tiny sd1 DIR [--seed N]`: write a tiny model folder."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Write a tiny random Stable Diffusion model (diffusers folder).")

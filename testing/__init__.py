@@ -1,0 +1,10 @@
+"""Scaffolding for tests, benchmarks and recipes: tiny models built from config in code.
+
+Not part of the product (`pyproject.toml` ships only `tinv_lib`): nothing in `tinv_lib` imports
+from here. Run from the repository root, where it imports as `testing` (pytest adds the root to
+`sys.path`; scripts under `benchmarks/` and `recipes/` put it there in `main()`).
+
+* `tokenizer_build` - a genuine CLIP BPE tokenizer written in code, whose merges make every word
+  of `COMMON_WORDS` (the toy world's words, template words) one token;
+* `tiny`            - tiny SD1, SD2 (v-prediction) and SDXL pipelines with random weights.
+"""
