@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from tinv_lib.common.errors import TinvError
+from tinv_lib.models.architecture import SD1, SDXL, of_checkpoint_keys
 from tinv_lib.models.hashes import old_model_hash, sha256_file, short_hash
 from tinv_lib.models.loading import (
-    detect_architecture,
     load_base_model,
     read_checkpoint,
     save_model_config,
@@ -87,7 +87,7 @@ def test_original_layout_key_names(tiny_sd1_path, tiny_sdxl_path, tmp_path):
     assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in xl_keys
     assert "conditioner.embedders.1.model.text_projection" in xl_keys
     assert "model.diffusion_model.label_emb.0.0.weight" in xl_keys
-    assert detect_architecture(xl_keys) == "sdxl" and detect_architecture(keys) == "sd1"
+    assert of_checkpoint_keys(xl_keys) is SDXL and of_checkpoint_keys(keys) is SD1
 
 
 def test_architecture_is_detected_alike_from_pipeline_folder_and_single_file(model_and_config, tmp_path):

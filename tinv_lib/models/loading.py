@@ -96,11 +96,6 @@ class BackgroundHash:
 # ------------------------------------------------------------------------------- detection
 
 
-def detect_architecture(keys) -> str:
-    """"sd1" / "sd2" / "sdxl" from original-layout key names (rule: `architecture.of_checkpoint_keys`)."""
-    return of_checkpoint_keys(keys).name
-
-
 def _probe_v_prediction(unet) -> bool:
     """A1111's test for SD2 checkpoints without a marker: at t=999 on a constant input, a
     v-prediction UNet's output minus the input has a mean below -1; an eps UNet's does not.
