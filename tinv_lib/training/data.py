@@ -185,6 +185,17 @@ def mask_weight(mask: Image.Image, size: tuple[int, int], aspect_mode: str, late
     return weight / mean if mean > 0 else None
 
 
+def given_mask_weight(mask: Image.Image, name: str, size: tuple[int, int], aspect_mode: str,
+                      latent_size: tuple[int, int], masks: MaskOptions) -> tuple[torch.Tensor | None, list[str]]:
+    """The loss weight of a mask already read at its image's size (a mask file, or a dataset's
+    mask column), and a notice when it leaves nothing to learn, so the image trains unmasked."""
+    weight = mask_weight(mask, size, aspect_mode, latent_size, masks.outside)
+    if weight is not None:
+        return weight, []
+    return None, [f"{name}: mask is black over the whole training crop and --unmasked_weight is 0; "
+                  "its image trains unmasked"]
+
+
 def _has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
 
@@ -202,18 +213,24 @@ def _image_weight(
     if source.is_file():
         mask, note = read_mask(source, image.size)
         notes = [note] if note else []
-        weight = mask_weight(mask, size, aspect_mode, latent_size, masks.outside) if mask is not None else None
-        if mask is not None and weight is None:
-            notes.append(f"{source.name}: mask is black over the whole training crop and --unmasked_weight is 0; "
-                         "its image trains unmasked")
-        return weight, True, notes
+        if mask is None:
+            return None, True, notes
+        weight, more = given_mask_weight(mask, source.name, size, aspect_mode, latent_size, masks)
+        return weight, True, notes + more
+    return alpha_channel_weight(image, size, aspect_mode, latent_size, use_alpha, masks), False, []
+
+
+def alpha_channel_weight(image: Image.Image, size: tuple[int, int], aspect_mode: str, latent_size: tuple[int, int],
+                         use_alpha: bool, masks: MaskOptions) -> torch.Tensor | None:
+    """The loss weight from the alpha channel for an image without a mask (None: no weight):
+    A1111's rule, or a mask like a file once `--unmasked_weight` is given."""
     if not (use_alpha and _has_alpha(image)):
-        return None, False, []
+        return None
     if masks.unmasked_weight is None:
         alpha = _fit(image.convert("RGBA"), size, aspect_mode).getchannel("A")
-        return alpha_weight(alpha, latent_size), False, []
+        return alpha_weight(alpha, latent_size)
     alpha = image.convert("RGBA").getchannel("A")
-    return mask_weight(alpha, size, aspect_mode, latent_size, masks.outside), False, []
+    return mask_weight(alpha, size, aspect_mode, latent_size, masks.outside)
 
 
 def _mask_summary(masked: int, weighted: int, total: int, masks: MaskOptions) -> list[str]:
@@ -236,6 +253,11 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
 
+def training_pixels(image: Image.Image, size: tuple[int, int], aspect_mode: str) -> torch.Tensor:
+    """The image as the VAE encodes it: RGB fitted to its training size, [3, H, W] in [-1, 1]."""
+    return _to_tensor(_fit(image.convert("RGB"), size, aspect_mode))
+
+
 @dataclass
 class TrainingImage:
     """One training image after loading: where it came from, its caption and training size."""
@@ -245,6 +267,7 @@ class TrainingImage:
     size: tuple[int, int]
     pixels: torch.Tensor  # [3, H, W] in [-1, 1]
     weight: torch.Tensor | None  # [H/f, W/f] loss weight (mask file or alpha), mean 1, or None
+    cache_id: str = ""  # a dataset row's identity for the latent cache; files use their path, size and mtime
     latents: dict[bool, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # flip -> (mean, std)
 
 
@@ -276,7 +299,7 @@ def load_images(
         weight, has_mask, notes = _image_weight(path, image, size, aspect_mode, latent_size, use_alpha, masks)
         masked += has_mask
         notices += notes
-        pixels = _to_tensor(_fit(image.convert("RGB"), size, aspect_mode))
+        pixels = training_pixels(image, size, aspect_mode)
         images.append(TrainingImage(path, caption_for(path, word_regex, join_string), size, pixels, weight))
     if not images:
         detail = f" ({len(skipped)} unreadable)" if skipped else ""
@@ -289,8 +312,11 @@ def load_images(
 
 
 def _cache_key(image: TrainingImage, flip: bool, model_id: str) -> str:
-    stat = image.path.stat()
-    text = f"{image.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{image.size}|{flip}|{model_id}"
+    source = image.cache_id
+    if not source:
+        stat = image.path.stat()
+        source = f"{image.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    text = f"{source}|{image.size}|{flip}|{model_id}"
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
