@@ -295,8 +295,7 @@ def measure_concept(concept: Concept, options: dict) -> dict:
     training = train(concept, model, data, folder / "run", options["train_flags"], options["eval_every"])
     trained = load_embedding(training.final)
     family = family_of(pipe)
-    untrained = create_embedding(concept.name, family.tokenizers, family.text_encoders, concept.init_text,
-                                 trained.vector_count)
+    untrained = create_embedding(concept.name, family, concept.init_text, trained.vector_count)
 
     def judged(subject: str, embedding=None) -> dict:
         generate = quality.tinv_generator(pipe, embeddings={concept.name: embedding} if embedding else None, **sampling)
@@ -306,7 +305,7 @@ def measure_concept(concept: Concept, options: dict) -> dict:
     results = {"words": judged(concept.words()), "untrained": judged(concept.name, untrained),
                "trained": judged(concept.name, trained)}
     spot = options["spot_check"]
-    vocabularies = vocabularies_of(family.tokenizers, family.text_encoders)
+    vocabularies = vocabularies_of(family)
     diagnosis = diagnose_embedding(trained.vectors, vocabularies, untrained.vectors)
     report = {
         "concept": asdict(concept), "target": concept.target,

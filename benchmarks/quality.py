@@ -206,8 +206,7 @@ def measure_concept(pipe, judge, embedding_file: Path, count: int = 32, seed: in
 
     trained = load_embedding(embedding_file)
     family = family_of(pipe)
-    untrained = create_embedding(CONCEPT_TOKEN, family.tokenizers, family.text_encoders, CONCEPT_INIT,
-                                 trained.vector_count)
+    untrained = create_embedding(CONCEPT_TOKEN, family, CONCEPT_INIT, trained.vector_count)
     cases = concept_cases(CONCEPT_PROMPT, CONCEPT, count, seed)
     results = {
         label: run_cases(tinv_generator(pipe, embeddings={CONCEPT_TOKEN: embedding}, **sampling), cases, judge)

@@ -6,6 +6,7 @@ import csv
 
 import pytest
 import torch
+from helpers_embeddings import tiny_pipeline
 
 from tinv_lib.common.errors import TinvError
 from tinv_lib.embeddings import create_embedding, save_embedding
@@ -19,6 +20,7 @@ from tinv_lib.embeddings.diagnostics import (
     load_vocabularies,
     warnings_for,
 )
+from tinv_lib.models.family import family_of
 
 
 class LetterTokenizer:
@@ -87,25 +89,14 @@ def test_nearest_tokens_on_a_tiny_model(tiny_sd1_path):
 def test_sdxl_diagnoses_both_encoders_against_their_own_vocabulary(tiny_sdxl_path):
     vocabularies = load_vocabularies(tiny_sdxl_path)
     assert [v.width for v in vocabularies.values()] == [32, 48]
-    tokenizers = [v.tokenizer for v in vocabularies.values()]
-    encoders = [_Encoder(v.weights) for v in vocabularies.values()]
-    embedding = create_embedding("xl", tokenizers, encoders, "dog", 2)
+    pipe = tiny_pipeline("sdxl")  # the same model (seed 0) as tiny_sdxl_path
+    embedding = create_embedding("xl", family_of(pipe), "dog", 2)
     init = {key: value.clone() for key, value in embedding.vectors.items()}
     records = diagnose_embedding(embedding.vectors, vocabularies, init)
     assert [(r.key, r.index) for r in records] == [("clip_l", 0), ("clip_l", 1), ("clip_g", 0), ("clip_g", 1)]
     assert all(r.nearest[0][0] == "dog</w>" and r.cosine_to_init == pytest.approx(1.0) for r in records)
     with pytest.raises(TinvError, match="width 32 do not fit"):
         diagnose_embedding(embedding.vectors["clip_l"], vocabularies)
-
-
-class _Encoder:
-    """Just enough text encoder for `create_embedding`."""
-
-    def __init__(self, weights: torch.Tensor):
-        self.weights = torch.nn.Embedding.from_pretrained(weights)
-
-    def get_input_embeddings(self):
-        return self.weights
 
 
 def test_training_reports_diagnostics_at_every_save(tiny_sd1_path, training_images, tmp_path, capsys):

@@ -16,6 +16,7 @@ from tinv_lib.embeddings import Embedding, load_embedding, save_embedding
 from tinv_lib.embeddings.create import create_embedding
 from tinv_lib.embeddings.database import EmbeddingDatabase
 from tinv_lib.generation.txt2img import generate
+from tinv_lib.models.family import family_of
 
 STEPS, SIZE = 2, 64
 
@@ -86,11 +87,7 @@ def test_sdxl_file_we_write_loads_in_diffusers_with_two_calls(tmp_path, fresh_pi
 @pytest.mark.parametrize(("init_text", "vectors"), [("tree", 1), ("a red tree", 3)])
 def test_identity_property_on_images(arch, init_text, vectors):
     pipe = tiny_pipeline(arch)
-    if arch == "sdxl":
-        tokenizers, encoders = [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2]
-    else:
-        tokenizers, encoders = pipe.tokenizer, pipe.text_encoder
-    embedding = create_embedding("fresh", tokenizers, encoders, init_text, vectors)
+    embedding = create_embedding("fresh", family_of(pipe), init_text, vectors)
     image = ours_image(pipe, "fresh in a field", 11, {"fresh": embedding})
     assert np.array_equal(image, ours_image(pipe, f"{init_text} in a field", 11))
     # ...and the model does listen to the text: other words give another picture.

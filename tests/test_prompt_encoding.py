@@ -12,15 +12,10 @@ from testing.tiny import build_tiny_pipeline
 from tinv_lib.common.errors import TinvError
 from tinv_lib.embeddings import Embedding
 from tinv_lib.embeddings.create import create_embedding, create_embedding_vectors
+from tinv_lib.models.family import family_of
 from tinv_lib.prompts.encoding import PromptEncoder
 
 ARCHS = ["sd1", "sd2-v", "sdxl"]
-
-
-def encoders_of(pipe):
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        return [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2]
-    return [pipe.tokenizer], [pipe.text_encoder]
 
 
 def bitwise(a, b):
@@ -48,8 +43,7 @@ def test_plain_prompts_encode_exactly_as_the_pipeline(arch):
 def test_identity_property_of_untrained_embeddings(arch, init_text, vectors):
     """An embedding created from init text encodes exactly as that text (the seed's promise)."""
     pipe = tiny_pipeline(arch)
-    tokenizers, text_encoders = encoders_of(pipe)
-    embedding = create_embedding("my-new-thing", tokenizers, text_encoders, init_text, vectors)
+    embedding = create_embedding("my-new-thing", family_of(pipe), init_text, vectors)
     encoder = PromptEncoder.from_pipeline(pipe)
     with torch.no_grad():
         ours = encoder.encode("a photo of my-new-thing, (painting:1.2)", {"my-new-thing": embedding})
@@ -64,18 +58,19 @@ def test_create_embedding_vectors_follows_a1111_rule():
     pipe = tiny_pipeline("sd1")
     weight = pipe.text_encoder.get_input_embeddings().weight.detach()
     ids = pipe.tokenizer("a red tree", add_special_tokens=False)["input_ids"]
-    five = create_embedding_vectors(pipe.tokenizer, pipe.text_encoder, "a red tree", 5)
+    family = family_of(pipe)
+    five = create_embedding_vectors(family, "a red tree", 5)
     assert torch.equal(five, weight[[ids[0], ids[0], ids[1], ids[1], ids[2]]])  # row i = token i·3//5
-    two = create_embedding_vectors(pipe.tokenizer, pipe.text_encoder, "a red tree", 2)
+    two = create_embedding_vectors(family, "a red tree", 2)
     assert torch.equal(two, weight[ids[:2]])  # only the first nvpt tokens are kept
-    assert torch.equal(create_embedding_vectors(pipe.tokenizer, pipe.text_encoder, "", 4), torch.zeros(4, 32))
+    assert torch.equal(create_embedding_vectors(family, "", 4), torch.zeros(4, 32))
     assert not five.requires_grad and five.dtype == torch.float32
     xl = tiny_pipeline("sdxl")
-    both = create_embedding_vectors(*encoders_of(xl), "cat", 2)
+    both = create_embedding_vectors(family_of(xl), "cat", 2)
     assert {key: value.shape for key, value in both.items()} == {"clip_l": (2, 32), "clip_g": (2, 48)}
     with pytest.raises(TinvError, match="between 1 and 75"):
-        create_embedding_vectors(pipe.tokenizer, pipe.text_encoder, "cat", 0)
-    assert create_embedding("bad/name*", pipe.tokenizer, pipe.text_encoder).name == "badname"
+        create_embedding_vectors(family, "cat", 0)
+    assert create_embedding("bad/name*", family).name == "badname"
 
 
 def test_emphasis_arithmetic_matches_a1111():
@@ -147,6 +142,8 @@ def test_embedding_of_the_wrong_kind_is_a_one_line_error():
     encoder = PromptEncoder.from_pipeline(tiny_pipeline("sd1"))
     with pytest.raises(TinvError, match="width 48"):
         encoder.encode("x", {"x": Embedding("x", torch.zeros(1, 48))})
-    with pytest.raises(TinvError, match="SDXL"):
+    with pytest.raises(TinvError, match="has vectors for clip_l, clip_g and does not fit this SD1 model"):
         encoder.encode("x", {"x": Embedding("x", {"clip_l": torch.zeros(1, 32), "clip_g": torch.zeros(1, 48)})})
+    with pytest.raises(TinvError, match="single-encoder embedding and does not fit this SDXL model"):
+        PromptEncoder.from_pipeline(tiny_pipeline("sdxl")).encode("x", {"x": Embedding("x", torch.zeros(1, 32))})
     assert PromptEncoder.from_pipeline(tiny_pipeline("sdxl")).expected_dim == {"clip_l": 32, "clip_g": 48}

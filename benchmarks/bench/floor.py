@@ -94,7 +94,8 @@ class Floor:
         encoder = PromptEncoder.from_pipeline(self.family.pipe)
         widths = self.family.widths
         vectors = [torch.nn.Parameter(torch.randn(self.job.num_vectors, w, device=self.device) * 0.01) for w in widths]
-        fake = Embedding(PLACEHOLDER, vectors[0] if len(vectors) == 1 else dict(zip(("clip_l", "clip_g"), vectors)))
+        architecture = self.family.architecture
+        fake = Embedding(PLACEHOLDER, architecture.pack_vectors(dict(zip(architecture.embedding_keys, vectors))))
         self.tokens, self.slots = [], []
         for index, part in enumerate(encoder.encoders):
             chunks = [encoder.chunks(prompt, {PLACEHOLDER: fake})[index][0] for prompt in prompts]
@@ -151,8 +152,9 @@ class Floor:
                     positions += range(start, start + self.job.num_vectors)
                     which += range(self.job.num_vectors)
             self.rows[index] = tuple(torch.tensor(x, device=self.device) for x in (items, positions, which))
-            output = text_encoder(self.tokens[index][prompts], output_hidden_states=self.family.is_sdxl)
-            outputs.append(output.hidden_states[-2] if self.family.is_sdxl else output[0])
+            penultimate = self.family.architecture.penultimate_hidden_state
+            output = text_encoder(self.tokens[index][prompts], output_hidden_states=penultimate)
+            outputs.append(output.hidden_states[-2] if penultimate else output[0])
             pooled = getattr(output, "text_embeds", None)
         return torch.cat(outputs, dim=-1), pooled
 
@@ -172,7 +174,7 @@ class Floor:
         with torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
             hidden, pooled = self._conditioning(prompts)
             extra = {}
-            if family.is_sdxl:
+            if family.architecture.text_time_conditioning:
                 extra = {"added_cond_kwargs": {"text_embeds": pooled.to(self.dtype), "time_ids": self.time_ids}}
             prediction = family.unet(noisy.to(self.dtype), t, hidden.to(self.dtype), **extra).sample
         loss = F.mse_loss(prediction.float(), family.training_target(self.scheduler, latents, noise, t).float())

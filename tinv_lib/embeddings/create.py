@@ -9,21 +9,16 @@ own rows is what makes an untrained embedding behave exactly like its init text 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from tinv_lib.common.errors import TinvError
 from tinv_lib.common.names import sanitize_name
-from tinv_lib.embeddings.formats import Embedding
-from tinv_lib.models.architecture import embedding_keys_for
+from tinv_lib.embeddings.formats import Embedding, Vectors
+from tinv_lib.models.family import ModelFamily
 
 MAX_VECTORS = 75  # one 75-token prompt chunk
-
-
-def _as_list(items: Any) -> list:
-    return list(items) if isinstance(items, (list, tuple)) else [items]
 
 
 def init_vectors(tokenizer: Any, text_encoder: Any, init_text: str, num_vectors: int) -> torch.Tensor:
@@ -41,30 +36,22 @@ def init_vectors(tokenizer: Any, text_encoder: Any, init_text: str, num_vectors:
     return vectors
 
 
-def create_embedding_vectors(
-    tokenizers: Any | Sequence[Any], text_encoders: Any | Sequence[Any], init_text: str, num_vectors: int
-) -> torch.Tensor | dict[str, torch.Tensor]:
-    """Initial vectors for a new embedding.
-
-    Pass one tokenizer and text encoder (SD1/SD2) to get a tensor `[num_vectors, width]`, or
-    both SDXL ones (`[pipe.tokenizer, pipe.tokenizer_2]`, `[pipe.text_encoder,
-    pipe.text_encoder_2]`) to get `{"clip_l": .., "clip_g": ..}`. Float32 on the CPU, detached:
-    the trainer makes its own trainable copy.
+def create_embedding_vectors(family: ModelFamily, init_text: str, num_vectors: int) -> Vectors:
+    """Initial vectors for a new embedding for the model `family` (`family_of(pipe)`): one
+    `[num_vectors, width]` block per text encoder, in the form an `Embedding` holds them (the
+    architecture packs them). Float32 on the CPU, detached: the trainer makes its own trainable
+    copy.
     """
     if not 1 <= num_vectors <= MAX_VECTORS:
         raise TinvError(f"number of vectors must be between 1 and {MAX_VECTORS}, got {num_vectors}")
-    tokenizers, text_encoders = _as_list(tokenizers), _as_list(text_encoders)
-    if len(tokenizers) != len(text_encoders):
-        raise TinvError("give one tokenizer and text encoder (SD1/SD2) or two of each (SDXL)")
-    keys = embedding_keys_for(len(tokenizers))
-    rows = [init_vectors(tok, enc, init_text, num_vectors) for tok, enc in zip(tokenizers, text_encoders)]
-    return rows[0] if len(rows) == 1 else dict(zip(keys, rows))
+    keys = family.architecture.embedding_keys
+    rows = [init_vectors(tok, enc, init_text, num_vectors) for tok, enc in zip(family.tokenizers, family.text_encoders)]
+    return family.architecture.pack_vectors(dict(zip(keys, rows)))
 
 
 def create_embedding(
     name: str,
-    tokenizers: Any | Sequence[Any],
-    text_encoders: Any | Sequence[Any],
+    family: ModelFamily,
     init_text: str = "*",
     num_vectors: int = 1,
     sd_checkpoint: str | None = None,
@@ -73,7 +60,7 @@ def create_embedding(
     """A fresh (step 0) embedding named `name` (sanitized as A1111 does), ready to save or train."""
     return Embedding(
         name=sanitize_name(name, "embedding"),
-        vectors=create_embedding_vectors(tokenizers, text_encoders, init_text, num_vectors),
+        vectors=create_embedding_vectors(family, init_text, num_vectors),
         step=0,
         sd_checkpoint=sd_checkpoint,
         sd_checkpoint_name=sd_checkpoint_name,

@@ -53,19 +53,14 @@ def _signature(stat: os.stat_result) -> tuple[int, int, int]:
 
 def width_mismatch(embedding: Embedding, expected: Dim | None) -> str | None:
     """Why `embedding` cannot be used with a model whose text width is `expected`, or None."""
-    if expected is None:
+    if expected is None or embedding.dim == expected:  # an int never equals a dict: forms must match too
         return None
-    if isinstance(expected, dict):
-        model = " + ".join(f"{key} {value}" for key, value in expected.items())
-        if embedding.is_sdxl and embedding.dim == expected:
-            return None
-    else:
-        model = f"width {expected}"
-        if not embedding.is_sdxl and embedding.dim == expected:
-            return None
-    dim = embedding.dim
-    have = " + ".join(f"{key} {value}" for key, value in dim.items()) if isinstance(dim, dict) else f"width {dim}"
-    return f"{embedding.name}: {have} does not fit the loaded model ({model})"
+    return f"{embedding.name}: {_dim_text(embedding.dim)} does not fit the loaded model ({_dim_text(expected)})"
+
+
+def _dim_text(dim: Dim) -> str:
+    """`width 768`, or `key 768 + key 1280` for one width per encoder."""
+    return " + ".join(f"{key} {value}" for key, value in dim.items()) if isinstance(dim, dict) else f"width {dim}"
 
 
 def model_mismatch(embedding: Embedding, model_hashes: Iterable[str]) -> bool:

@@ -7,8 +7,8 @@ rest of the prompt). For each vector this module reports its L2 norm, where that
 the vocabulary's row norms (percentile and ratio to the median), its cosine to its init vector
 when that is known, and the vocabulary tokens it points at most nearly.
 
-Each vector is compared with the token-embedding matrix of its own text encoder: SD1/SD2 have
-one (key `emb_params`), SDXL two (`clip_l`, `clip_g`).
+Each vector is compared with the token-embedding matrix of its own text encoder, keyed as the
+model's architecture keys the vectors (one key for a single encoder, one per encoder otherwise).
 
     vocabularies = load_vocabularies("models/toy")          # once per model
     records = diagnose_embedding(load_embedding(path).vectors, vocabularies)
@@ -21,13 +21,16 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tinv_lib.common.errors import TinvError
 from tinv_lib.embeddings.formats import Vectors
-from tinv_lib.models.architecture import SINGLE_KEY, embedding_keys_for, of_folder
+from tinv_lib.models.architecture import SINGLE_KEY, Architecture, of_folder
+
+if TYPE_CHECKING:
+    from tinv_lib.models.family import ModelFamily
 
 BARELY_MOVED_COSINE = 0.98
 """The "barely moved" warning fires when every vector's cosine similarity to its init vector is
@@ -55,7 +58,7 @@ CSV_COLUMNS = ["step", "key", "vector", "norm", "norm_percentile", "norm_ratio",
 class VectorDiagnosis:
     """The diagnostics of one vector of an embedding."""
 
-    key: str  # "emb_params" (SD1/SD2) or "clip_l" / "clip_g" (SDXL)
+    key: str  # the encoder's key: "emb_params" for a single encoder, else the architecture's key
     index: int  # row of the vector in its tensor
     norm: float  # L2 norm
     norm_percentile: float  # % of vocabulary rows whose norm is <= this norm (0-100)
@@ -92,10 +95,13 @@ class Vocabulary:
         return cls(text_encoder.get_input_embeddings().weight, tokenizer)
 
 
-def vocabularies_of(tokenizers: Sequence[Any], text_encoders: Sequence[Any]) -> dict[str, Vocabulary]:
-    """Vocabularies keyed as embedding vectors are: one tokenizer/encoder gives `emb_params`,
-    two (SDXL, in pipeline order) give `clip_l` and `clip_g`."""
-    keys = embedding_keys_for(len(text_encoders))
+def vocabularies_of(family: ModelFamily) -> dict[str, Vocabulary]:
+    """The vocabularies of a loaded model (`family_of(pipe)`), keyed as its embedding vectors are."""
+    return _vocabularies(family.architecture, family.tokenizers, family.text_encoders)
+
+
+def _vocabularies(architecture: Architecture, tokenizers: Sequence[Any], text_encoders: Sequence[Any]) -> dict[str, Vocabulary]:
+    keys = architecture.embedding_keys
     return {key: Vocabulary.of_text_encoder(tok, enc) for key, tok, enc in zip(keys, tokenizers, text_encoders)}
 
 
@@ -108,17 +114,17 @@ def load_vocabularies(model: str | os.PathLike, model_config: str | os.PathLike 
         from tinv_lib.models.family import family_of
         from tinv_lib.models.loading import load_base_model
 
-        family = family_of(load_base_model(folder, model_config)[0])
-        return vocabularies_of(family.tokenizers, family.text_encoders)
+        return vocabularies_of(family_of(load_base_model(folder, model_config)[0]))
     from transformers import CLIPTokenizer
 
-    slots = of_folder(folder).encoders
+    architecture = of_folder(folder)
+    slots = architecture.encoders
     try:
         tokenizers = [CLIPTokenizer.from_pretrained(folder / slot.tokenizer) for slot in slots]
         encoders = [slot.model_class().from_pretrained(folder / slot.text_encoder) for slot in slots]
     except (OSError, ValueError) as error:
         raise TinvError(f"{folder}: cannot load its tokenizer and text encoder ({str(error).splitlines()[0]})") from None
-    return vocabularies_of(tokenizers, encoders)
+    return _vocabularies(architecture, tokenizers, encoders)
 
 
 def diagnose(vectors: torch.Tensor, vocab_weights: torch.Tensor, tokenizer: Any,
@@ -152,7 +158,7 @@ def diagnose_vectors(vectors: torch.Tensor, vocabulary: Vocabulary, init_vectors
 
 def diagnose_embedding(vectors: Vectors, vocabularies: dict[str, Vocabulary],
                        init_vectors: Vectors | None = None) -> list[VectorDiagnosis]:
-    """Diagnostics of a whole embedding (a tensor, or SDXL's `{clip_l, clip_g}`) against the
+    """Diagnostics of a whole embedding (a tensor, or a dict by encoder key) against the
     vocabularies of a model (`load_vocabularies` / `vocabularies_of`); each encoder's vectors
     against that encoder's own vocabulary. Raises `TinvError` if the embedding does not fit."""
     by_key = _by_key(vectors, vocabularies)

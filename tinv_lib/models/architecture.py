@@ -15,10 +15,10 @@ the embedding keys from here without loading models.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tinv_lib.common.errors import TinvError
 
@@ -27,6 +27,8 @@ from tinv_lib.common.errors import TinvError
 SINGLE_KEY = "emb_params"
 CLIP_L = "clip_l"
 CLIP_G = "clip_g"
+
+_V = TypeVar("_V")  # what is kept per encoder: vectors, widths, row counts
 
 _OPENAI_CLIP_ACTIVATION = "quick_gelu"  # OpenAI CLIP-L (SD1) uses it; OpenCLIP (SD2) uses gelu
 _SDXL_CONDITIONER = "conditioner.embedders."  # SDXL-style checkpoints (base and refiner)
@@ -77,18 +79,43 @@ class Architecture:
 
     @property
     def embedding_keys(self) -> tuple[str, ...]:
-        """The key of each encoder's vectors, in pipeline order."""
+        """The name of each encoder's vectors, in pipeline order: their key in an embedding's
+        dict, in files and in training checkpoints."""
         return tuple(slot.embedding_key for slot in self.encoders)
 
     @property
-    def keyed_vectors(self) -> bool:
-        """Embedding vectors are a dict by key (two encoders), not one bare tensor."""
-        return len(self.encoders) > 1
+    def selectable_encoders(self) -> tuple[str, ...]:
+        """The encoders whose vectors can be trained alone (`--train_encoders`): every one when
+        there are several; none when there is one, since choosing it would change nothing."""
+        return self.embedding_keys if len(self.encoders) > 1 else ()
+
+    def pack_vectors(self, per_encoder: Mapping[str, _V]) -> _V | dict[str, _V]:
+        """Per-encoder values (vectors, widths, counts) in the form an `Embedding` holds them:
+        a single encoder's as the bare value (A1111's tensor), several as a dict by key in
+        pipeline order. The inverse of `unpack_vectors`."""
+        per_encoder = self.unpack_vectors(per_encoder)
+        if len(self.encoders) == 1:
+            return per_encoder[self.embedding_keys[0]]
+        return per_encoder
+
+    def unpack_vectors(self, vectors: _V | Mapping[str, _V], owner: str = "the embedding") -> dict[str, _V]:
+        """Per-encoder values by key, in pipeline order, from either form: the bare value of a
+        single-encoder architecture, or a dict with exactly this architecture's keys. Anything
+        else is a `TinvError` saying that `owner` does not fit this model."""
+        keys = self.embedding_keys
+        takes = "one text encoder" if len(keys) == 1 else f"vectors for {', '.join(keys)}"
+        if not isinstance(vectors, Mapping):
+            if len(keys) == 1:
+                return {keys[0]: vectors}
+            raise TinvError(f"{owner} is a single-encoder embedding and does not fit this {self.label} model ({takes})")
+        if set(vectors) != set(keys):
+            raise TinvError(f"{owner} has vectors for {', '.join(vectors) or 'no encoder'} and does not fit this "
+                            f"{self.label} model ({takes})")
+        return {key: vectors[key] for key in keys}
 
     def embedding_dim(self, widths: list[int]) -> int | dict[str, int]:
-        """The embedding width this model takes, in the form `Embedding.dim` has: an int, or
-        `{clip_l: .., clip_g: ..}` for two encoders."""
-        return dict(zip(self.embedding_keys, widths)) if self.keyed_vectors else widths[0]
+        """The embedding width this model takes, in the form `Embedding.dim` has (packed)."""
+        return self.pack_vectors(dict(zip(self.embedding_keys, widths)))
 
     def pipeline_class(self) -> Any:
         """The diffusers pipeline class (imported on first use)."""
@@ -145,13 +172,36 @@ ARCHITECTURES = {arch.name: arch for arch in (SD1, SD2, SDXL)}
 SDXL_KEYS = SDXL.embedding_keys  # ("clip_l", "clip_g"): the two-encoder embedding form
 
 
-def embedding_keys_for(encoder_count: int) -> tuple[str, ...]:
-    """Keys of an embedding's vectors for a model with this many text encoders (SD1 and SD2
-    share one form, so the count alone decides)."""
-    for arch in ARCHITECTURES.values():
-        if len(arch.encoders) == encoder_count:
-            return arch.embedding_keys
-    raise TinvError("give one tokenizer and text encoder (SD1/SD2) or two of each (SDXL)")
+def selectable_encoders() -> tuple[str, ...]:
+    """Every encoder that some architecture lets train alone, in order, each once: the choices
+    of `--train_encoders` besides "all" (known before the model is)."""
+    names = (name for arch in ARCHITECTURES.values() for name in arch.selectable_encoders)
+    return tuple(dict.fromkeys(names))
+
+
+# ------------------------------------------------------------------------------------- VAE
+
+_DEFAULT_VAE_FACTOR = 8  # every real SD VAE's (SD1, SD2, SDXL): three downsamplings
+
+
+def vae_factor(vae_config: Mapping[str, Any]) -> int:
+    """Pixels per latent cell, from a VAE's config: every level after the first halves the side."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def vae_factor_of_folders(folders: Iterable[str | Path | None]) -> int:
+    """Pixels per latent cell, read from the first of these diffusers folders whose
+    `vae/config.json` reads (no weights loaded, so checks can run before the model loads);
+    8, every real SD VAE's, when none does (a single file without a config, a hub id)."""
+    for folder in folders:
+        config = Path(folder) / "vae" / "config.json" if folder else None
+        if config is None or not config.is_file():
+            continue
+        try:
+            return vae_factor(json.loads(config.read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return _DEFAULT_VAE_FACTOR
 
 
 # ------------------------------------------------------------------------------- detection

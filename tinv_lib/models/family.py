@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tinv_lib.models.architecture import SDXL, Architecture, of_pipeline
+from tinv_lib.models.architecture import Architecture, of_pipeline, vae_factor
 
 
 @dataclass
@@ -29,22 +29,12 @@ class ModelFamily:
         return self.architecture.name
 
     @property
-    def is_sdxl(self) -> bool:
-        return self.architecture is SDXL
-
-    @property
     def tokenizers(self) -> list:
         return [getattr(self.pipe, slot.tokenizer) for slot in self.architecture.encoders]
 
     @property
     def text_encoders(self) -> list:
         return [getattr(self.pipe, slot.text_encoder) for slot in self.architecture.encoders]
-
-    @property
-    def embedding_keys(self) -> list[str]:
-        """Keys of the vectors per text encoder: A1111/kohya `clip_l`/`clip_g` for SDXL; a single
-        tensor (saved as `emb_params`) for SD1/SD2."""
-        return list(self.architecture.embedding_keys)
 
     @property
     def widths(self) -> list[int]:
@@ -69,7 +59,7 @@ class ModelFamily:
     @property
     def latent_factor(self) -> int:
         """Pixels per latent cell (8 for every real SD VAE)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_factor(self.vae.config)
 
     @property
     def size_multiple(self) -> int:

@@ -106,7 +106,7 @@ def token_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
 class _Encoder:
     """One tokenizer + text encoder pair and how its output is read."""
 
-    def __init__(self, tokenizer: Any, text_encoder: Any, key: str | None, comma_backtrack: int) -> None:
+    def __init__(self, tokenizer: Any, text_encoder: Any, key: str, comma_backtrack: int) -> None:
         self.tokenizer, self.text_encoder, self.key = tokenizer, text_encoder, key
         end_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id
@@ -122,13 +122,9 @@ class _Encoder:
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return token_ids(self.tokenizer, texts)
 
-    def vectors_for(self, embedding: Any) -> torch.Tensor:
-        """This encoder's rows of `embedding`, checked against the encoder's width."""
-        vectors = embedding.vectors
-        if isinstance(vectors, dict) != (self.key is not None):
-            kind = "an SDXL" if isinstance(vectors, dict) else "a single-encoder"
-            raise TinvError(f"embedding '{embedding.name}' is {kind} embedding and does not fit this model")
-        rows = vectors[self.key] if self.key else vectors
+    def vectors_for(self, embedding: Any, architecture: Architecture) -> torch.Tensor:
+        """This encoder's rows of `embedding`, checked against the model's encoders and width."""
+        rows = architecture.unpack_vectors(embedding.vectors, f"embedding '{embedding.name}'")[self.key]
         if rows.shape[-1] != self.width:
             raise TinvError(f"embedding '{embedding.name}' has width {rows.shape[-1]}, the text encoder {self.width}")
         return rows
@@ -167,8 +163,7 @@ class PromptEncoder:
             raise TinvError(f"a {architecture.label} prompt encoder needs {len(architecture.encoders)} tokenizer(s) "
                             "and text encoder(s)")
         self.architecture = architecture
-        # A single encoder's embedding vectors are a bare tensor, not a dict: no key to look up.
-        keys = architecture.embedding_keys if architecture.keyed_vectors else (None,)
+        keys = architecture.embedding_keys
         self.encoders = [_Encoder(tok, enc, key, comma_backtrack) for tok, enc, key in zip(tokenizers, text_encoders, keys)]
         self.emphasis = emphasis
         self.zero_empty_negative = zero_empty_negative
@@ -186,7 +181,7 @@ class PromptEncoder:
 
     @property
     def expected_dim(self) -> int | dict[str, int]:
-        """The embedding width this model takes: an int, or `{clip_l, clip_g}` for SDXL."""
+        """The embedding width this model takes: an int, or a dict by encoder key (packed)."""
         return self.architecture.embedding_dim([encoder.width for encoder in self.encoders])
 
     def chunks(self, prompt: str, embeddings: Mapping[str, Any] | None = None) -> list[list[PromptChunk]]:
@@ -220,7 +215,7 @@ class PromptEncoder:
         rows = []
         for item, chunk in enumerate(chunks):
             for fix in chunk.fixes:
-                vectors = encoder.vectors_for(fix.embedding)
+                vectors = encoder.vectors_for(fix.embedding, self.architecture)
                 room = encoder.rules.chunk_length + 1 - (fix.offset + 1)
                 rows.append((item, fix.offset + 1, vectors[: min(room, vectors.shape[0])]))
                 if all(fix.embedding is not seen for seen in used):

@@ -9,12 +9,12 @@ model's small JSON configs is checked here; the error is an `ArgumentError` (exi
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 from pathlib import Path
 
 from tinv_lib.common.errors import TinvError
+from tinv_lib.models.architecture import vae_factor_of_folders
 
 PIPELINE_MULTIPLE = 8  # diffusers' SD and SDXL pipelines refuse image sides that are not multiples of 8
 POSITIVE = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "resolution",
@@ -143,22 +143,9 @@ def _check_resume_batch(args: argparse.Namespace, checkpoint: Path | None) -> No
                         "--gradient_accumulation_steps for this number of processes) or pass --accept_new_global_batch")
 
 
-def vae_factor(args: argparse.Namespace) -> int:
-    """Pixels per latent cell, from the VAE's config.json (8, every real SD VAE's, when there is
-    no config to read: a single file without --model_config, or a hub id)."""
-    for folder in (args.model_config, args.pretrained_model_name_or_path):
-        config = Path(folder) / "vae" / "config.json" if folder else None
-        if config is None or not config.is_file():
-            continue
-        try:
-            return 2 ** (len(json.loads(config.read_text(encoding="utf-8"))["block_out_channels"]) - 1)
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return 8
-
-
 def _check_resolution(args: argparse.Namespace) -> None:
-    multiple = math.lcm(PIPELINE_MULTIPLE, vae_factor(args))
+    factor = vae_factor_of_folders((args.model_config, args.pretrained_model_name_or_path))
+    multiple = math.lcm(PIPELINE_MULTIPLE, factor)
     if args.resolution % multiple:
         nearest = max(multiple, round(args.resolution / multiple) * multiple)
         raise ArgumentError(f"--resolution {args.resolution} must be a multiple of {multiple} (the model's VAE and "

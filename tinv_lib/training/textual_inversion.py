@@ -20,6 +20,7 @@ from tinv_lib.common.names import sanitize_name
 from tinv_lib.common.torch_files import safe_torch_load, save_a1111_pt
 from tinv_lib.embeddings.create import create_embedding_vectors
 from tinv_lib.embeddings.formats import Embedding, load_embedding, save_pt, save_safetensors
+from tinv_lib.models.architecture import selectable_encoders
 from tinv_lib.training.arguments import (
     ArgumentError,
     HelpFormatter,
@@ -34,7 +35,7 @@ from tinv_lib.training.preflight import require_file
 KIND = "textual_inversion"
 MAX_VECTORS = 75
 REQUIRED = ["pretrained_model_name_or_path", "train_data_dir", "placeholder_token"]
-TRAIN_ENCODERS = ("all", "clip_l", "clip_g")
+TRAIN_ENCODERS = ("all", *selectable_encoders())  # "all", then the encoder names some model has
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--num_vectors", type=int, default=1, help="vectors per token (1-75)")
     group.add_argument("--resume_from_embedding", help="continue training this embedding file (its step count continues)")
     group.add_argument("--train_encoders", choices=TRAIN_ENCODERS, default="all",
-                       help="SDXL: train only the clip_l or only the clip_g vectors; the other encoder's vectors keep "
-                            "their init (or resumed) values and are saved as they are")
+                       help="on a model with several text encoders, train only the named encoder's vectors; the "
+                            "others keep their init (or resumed) values and are saved as they are")
     add_training_arguments(parser, default_lr="0.005", default_template="subject_filewords", default_weight_decay=0.0)
     mark_required(parser, REQUIRED)
     return parser
@@ -95,22 +96,22 @@ class TextualInversionTask:
             self.optimizer_state = self._matching_optimizer_state(Path(args.resume_from_embedding), embedding,
                                                                   sidecar_name(args.optimizer))
         else:
-            initial = create_embedding_vectors(family.tokenizers, family.text_encoders,
-                                               args.initializer_token, args.num_vectors)
-        if not isinstance(initial, dict):
-            initial = {family.embedding_keys[0]: initial}
+            initial = create_embedding_vectors(family, args.initializer_token, args.num_vectors)
+        initial = family.architecture.unpack_vectors(initial)
         self.vectors = {key: torch.nn.Parameter(value.to(device, torch.float32).clone()) for key, value in initial.items()}
         self.initial = {key: value.detach().to("cpu", torch.float32).clone() for key, value in initial.items()}
         self._freeze_untrained_encoders(args.train_encoders)
         return step
 
     def _freeze_untrained_encoders(self, train_encoders: str) -> None:
-        """`--train_encoders clip_l|clip_g`: the other encoder's vectors stop being trainable."""
+        """`--train_encoders NAME`: the other encoders' vectors stop being trainable."""
         if train_encoders == "all":
             return
-        if train_encoders not in self.vectors:
-            raise TinvError(f"--train_encoders {train_encoders} needs an SDXL model (clip_l and clip_g); this "
-                            f"{self.family.architecture.label} model has one text encoder: leave it at 'all'")
+        architecture = self.family.architecture
+        if train_encoders not in architecture.selectable_encoders:
+            has = ", ".join(architecture.selectable_encoders) or "a single one"
+            raise TinvError(f"--train_encoders {train_encoders}: this {architecture.label} model has no text encoder "
+                            f"of that name (its encoders: {has}); leave it at 'all'")
         for key, vectors in self.vectors.items():
             vectors.requires_grad_(key == train_encoders)
 
@@ -126,12 +127,10 @@ class TextualInversionTask:
                             f"(e.g. {self.name + '-ti'!r})")
 
     def _check_fits(self, embedding: Embedding) -> torch.Tensor | dict[str, torch.Tensor]:
-        widths = self.family.widths
-        dim = embedding.dim
-        got = list(dim.values()) if isinstance(dim, dict) else [dim]
-        if got != widths:
-            raise TinvError(f"--resume_from_embedding {embedding.path}: vectors of width {got} do not fit this model "
-                            f"(text width {widths})")
+        expected = self.family.architecture.embedding_dim(self.family.widths)
+        if embedding.dim != expected:
+            raise TinvError(f"--resume_from_embedding {embedding.path}: vectors of width {embedding.dim} do not fit "
+                            f"this model (text width {expected})")
         return embedding.vectors
 
     def _matching_optimizer_state(self, path: Path, embedding: Embedding, optimizer_name: str) -> dict | None:
@@ -159,9 +158,11 @@ class TextualInversionTask:
         """Vectors have no train/eval behaviour."""
 
     # -- prompts
-    def current_embedding(self, step: int | None = None) -> Embedding:
-        """The embedding as it is now (live parameters: differentiable inside the encoder)."""
-        vectors = self.vectors[self.family.embedding_keys[0]] if len(self.vectors) == 1 else dict(self.vectors)
+    def current_embedding(self, step: int | None = None, detached: bool = False) -> Embedding:
+        """The embedding as it is now: the live parameters (differentiable inside the encoder),
+        or detached CPU float32 copies (to save)."""
+        vectors = {key: value.detach().cpu().float() for key, value in self.vectors.items()} if detached else self.vectors
+        vectors = self.family.architecture.pack_vectors(vectors)
         return Embedding(self.name, vectors, step, self.model_info.short_hash or None, self.model_info.name)
 
     def conditioning(self, prompts: list[str]):
@@ -195,8 +196,7 @@ class TextualInversionTask:
     def save_files(self, output_dir: Path, step: int, final: bool, optimizer_state: dict | None) -> list[Path]:
         """Final: `<name>.pt` + `<name>.safetensors`; intermediate: `embeddings/<name>-<step>.pt`
         (A1111's naming; the name inside is `<name>-<step>`)."""
-        embedding = self.current_embedding(step)
-        embedding.vectors = _detached(embedding.vectors)
+        embedding = self.current_embedding(step, detached=True)
         if final:
             written = [save_pt(embedding, output_dir / f"{self.name}.pt"),
                        save_safetensors(embedding, output_dir / f"{self.name}.safetensors")]
@@ -217,7 +217,7 @@ class TextualInversionTask:
         from tinv_lib.embeddings import diagnostics
 
         if self.vocabularies is None:
-            self.vocabularies = diagnostics.vocabularies_of(self.family.tokenizers, self.family.text_encoders)
+            self.vocabularies = diagnostics.vocabularies_of(self.family)
         records = diagnostics.diagnose_embedding(self.state_tensors(), self.vocabularies, self.initial)
         logger.scalars(step, diagnostics.scalars(records))
         logger.table(diagnostics.CSV_NAME, diagnostics.CSV_COLUMNS, diagnostics.csv_rows(step, records))
@@ -234,8 +234,7 @@ class TextualInversionTask:
         from tinv_lib.training.loop import save_previews
 
         r = request
-        embedding = self.current_embedding(r.step)
-        embedding.vectors = _detached(embedding.vectors)
+        embedding = self.current_embedding(r.step, detached=True)
         pictures = generate(family.pipe, r.prompt, r.negative, seed=r.seed, steps=r.steps, cfg_scale=r.cfg_scale,
                             width=r.size[0], height=r.size[1], batch_size=r.count, embeddings={self.name: embedding},
                             encoder=self.prompt_encoder).images
@@ -243,12 +242,6 @@ class TextualInversionTask:
         embedding.name = f"{self.name}-{r.step}"
         save_png_embedding(embedding, r.output_dir / "image_embeddings" / f"{self.name}-{r.step}.png", image=pictures[0])
         return pictures
-
-
-def _detached(vectors):
-    if isinstance(vectors, dict):
-        return {key: value.detach().cpu().float() for key, value in vectors.items()}
-    return vectors.detach().cpu().float()
 
 
 def main(argv: list[str] | None = None) -> int:
