@@ -1,12 +1,15 @@
 """Embedding files in and out: A1111 `.pt`, single-key and SDXL `.safetensors`, diffusers
-`{token: tensor}` `.bin`/`.safetensors` (docs/formats.md, "Embedding files", "Safe loading").
+`{token: tensor}` `.bin`/`.safetensors`, FLUX.1 and SD3 files keyed per encoder (docs/formats.md,
+"Embedding files", "FLUX.1 and SD3 files", "Safe loading").
 
 Every reader returns an `Embedding`; every writer takes one. Reading follows A1111's decision
 tree (docs/formats.md, "How A1111 reads an embedding file") so a file means here what it means
 in A1111: `string_to_param` first (with the old
-`ParameterDict` form), then `{clip_l, clip_g}`, then any single-tensor dict. Writers emit the
-forms every consumer accepts: the exact A1111 dict, `emb_params` or `clip_l`/`clip_g`, always
-CPU float32, `.pt` in the legacy serialization A1111's safe unpickler admits.
+`ParameterDict` form), then the per-encoder dicts (`{clip_l, clip_g}`, and FLUX.1's and SD3's
+with T5 vectors under `t5xxl` or `t5`), then any single-tensor dict. Writers emit the forms every
+consumer accepts: the exact A1111 dict, `emb_params` or `clip_l`/`clip_g` (+ T5 under both
+`t5xxl` and `t5`), always CPU float32, `.pt` in the legacy serialization A1111's safe unpickler
+admits.
 
 Image embeddings (`.png`/`.webp`) live in `image_embed.py`; `load_embedding` and
 `save_embedding` dispatch to them by extension.
@@ -26,7 +29,7 @@ import torch
 
 from tinv_lib.common.errors import FileFormatError, TinvError
 from tinv_lib.common.torch_files import safe_torch_load, save_a1111_pt
-from tinv_lib.models.architecture import CLIP_G, SDXL_KEYS
+from tinv_lib.models.architecture import ARCHITECTURES, CLIP_G, CLIP_L, T5
 from tinv_lib.models.hashes import sha256_file
 
 IMAGE_SUFFIXES = (".png", ".webp", ".jxl", ".avif")
@@ -35,6 +38,16 @@ EMBEDDING_SUFFIXES = PICKLE_SUFFIXES + (".safetensors",) + IMAGE_SUFFIXES
 METADATA_KEYS = ("step", "sd_checkpoint", "sd_checkpoint_name")
 
 Vectors = torch.Tensor | dict[str, torch.Tensor]
+
+# Per-encoder embeddings as files key them (docs/formats.md, "FLUX.1 and SD3 files"): the T5
+# vectors are `t5xxl` to ComfyUI and `t5` to OneTrainer and diffusers, so both are written and
+# either is read. OneTrainer adds `<key>_out` output embeddings (applied after the encoder),
+# which have no meaning as input vectors and are skipped.
+ENCODER_ORDER = (CLIP_L, CLIP_G, T5)  # order in files and in checksums
+T5_FILE_KEYS = ("t5xxl", T5)
+OUTPUT_KEYS = tuple(f"{key}_out" for key in ENCODER_ORDER)
+KEYED_FORMS = {frozenset(arch.embedding_keys): arch.name for arch in ARCHITECTURES.values()
+               if len(arch.encoders) > 1}  # {clip_l, clip_g}: sdxl, {clip_l, t5}: flux, all three: sd3
 
 
 class NotAnEmbeddingError(FileFormatError):
@@ -45,8 +58,8 @@ class NotAnEmbeddingError(FileFormatError):
 class Embedding:
     """One textual-inversion embedding: its vectors and the metadata A1111 keeps with them.
 
-    `vectors` is a float32 tensor `[n, d]` (SD1/SD2) or a dict `{"clip_l": [n, 768-ish],
-    "clip_g": [n, 1280-ish]}` (SDXL). `path` and `format` say where it was read from, which the
+    `vectors` is a float32 tensor `[n, d]` (SD1/SD2) or a dict by encoder: `{"clip_l": [n, 768],
+    "clip_g": [n, 1280]}` (SDXL), `{"clip_l", "t5": [n, 4096]}` (FLUX.1), all three (SD3). `path` and `format` say where it was read from, which the
     file hash (`TI hashes`) and `inspect` need.
     """
 
@@ -60,22 +73,25 @@ class Embedding:
     _sha256: str | None = field(default=None, repr=False, compare=False)
 
     @property
-    def is_sdxl(self) -> bool:
-        """True for the two-encoder `{clip_l, clip_g}` form."""
+    def is_keyed(self) -> bool:
+        """True for the per-encoder dict forms (SDXL, FLUX.1, SD3)."""
         return isinstance(self.vectors, dict)
+
+    def _keys(self) -> list[str]:
+        return [key for key in ENCODER_ORDER if key in self.vectors]
 
     @property
     def vector_count(self) -> int:
-        """Prompt slots the embedding takes; for SDXL A1111 counts `clip_g` rows."""
+        """Prompt slots the embedding takes; for SDXL A1111 counts `clip_g` rows (else `clip_l`'s)."""
         if isinstance(self.vectors, dict):
-            return int(self.vectors[CLIP_G].shape[0])
+            return int(self.vectors[CLIP_G if CLIP_G in self.vectors else CLIP_L].shape[0])
         return int(self.vectors.shape[0])
 
     @property
     def dim(self) -> int | dict[str, int]:
-        """Vector width: an int, or `{clip_l: .., clip_g: ..}` for SDXL."""
+        """Vector width: an int, or a dict by encoder (`{clip_l: .., clip_g: ..}` for SDXL)."""
         if isinstance(self.vectors, dict):
-            return {key: int(self.vectors[key].shape[-1]) for key in SDXL_KEYS}
+            return {key: int(self.vectors[key].shape[-1]) for key in self._keys()}
         return int(self.vectors.shape[-1])
 
     @property
@@ -85,19 +101,19 @@ class Embedding:
         return sum(dim.values()) if isinstance(dim, dict) else dim
 
     def vector_counts(self) -> int | dict[str, int]:
-        """Rows per encoder (SDXL) or the row count, for `inspect`."""
+        """Rows per encoder (keyed forms) or the row count, for `inspect`."""
         if isinstance(self.vectors, dict):
-            return {key: int(self.vectors[key].shape[0]) for key in SDXL_KEYS}
+            return {key: int(self.vectors[key].shape[0]) for key in self._keys()}
         return self.vector_count
 
     def checksum(self) -> str:
         """A1111's 4-hex `Embedding.checksum` (docs/formats.md, "Hashes"), used to match `.optim` sidecars.
 
-        For SDXL (which A1111 cannot checksum) the `clip_l` then `clip_g` rows are hashed as
-        one sequence.
+        For the keyed forms (which A1111 cannot checksum) the `clip_l`, `clip_g`, `t5` rows it
+        has are hashed as one sequence in that order.
         """
         if isinstance(self.vectors, dict):
-            flat = torch.cat([self.vectors[key].detach().reshape(-1) for key in SDXL_KEYS])
+            flat = torch.cat([self.vectors[key].detach().reshape(-1) for key in self._keys()])
         else:
             flat = self.vectors.detach().reshape(-1)
         return checksum_of(flat)
@@ -178,11 +194,12 @@ def embedding_from_data(data: Any, name: str, where: str = "embedding") -> Embed
     file"), returning an `Embedding`.
 
     `name` is the name to use (A1111: the file stem; for images the name stored inside). The
-    `format` of the result names the layout (`a1111`, `a1111-parameterdict`, `sdxl`,
-    `emb_params`, `diffusers`); callers add the container.
+    `format` of the result names the layout (`a1111`, `a1111-parameterdict`, `sdxl`, `flux`,
+    `sd3`, `emb_params`, `diffusers`); callers add the container.
     """
     if not isinstance(data, dict):
         raise FileFormatError(f"{where}: not an embedding (the file holds a {type(data).__name__}, not a dict)")
+    data = _without_output_embeddings(data, where)
     if "string_to_param" in data:
         params = data["string_to_param"]
         layout = "a1111"
@@ -191,9 +208,8 @@ def embedding_from_data(data: Any, name: str, where: str = "embedding") -> Embed
         if not isinstance(params, dict) or len(params) != 1:
             raise FileFormatError(f"{where}: embedding file has multiple terms in it (or none)")
         vectors: Vectors = _as_matrix(next(iter(params.values())), where)
-    elif all(key in data for key in SDXL_KEYS):
-        layout = "sdxl"
-        vectors = {key: _as_matrix(data[key], f"{where} [{key}]") for key in SDXL_KEYS}
+    elif (keyed := _keyed_vectors(data, where)) is not None:
+        layout, vectors = keyed
     elif data and isinstance(next(iter(data.values())), torch.Tensor):
         if len(data) != 1:
             raise FileFormatError(
@@ -206,6 +222,38 @@ def embedding_from_data(data: Any, name: str, where: str = "embedding") -> Embed
     else:
         raise FileFormatError(f"{where}: neither a textual-inversion embedding nor a diffusers concept")
     return Embedding(name=name, vectors=vectors, format=layout, **metadata_from_dict(data))
+
+
+def _without_output_embeddings(data: dict, where: str) -> dict:
+    """`data` without OneTrainer's `*_out` output embeddings; a file holding nothing else is
+    refused, since output embeddings replace the encoder's output and cannot be prompt vectors."""
+    outputs = [key for key in OUTPUT_KEYS if key in data]
+    if not outputs:
+        return data
+    rest = {key: value for key, value in data.items() if key not in outputs}
+    if not any(isinstance(value, torch.Tensor) for value in rest.values()):
+        raise FileFormatError(
+            f"{where}: holds only output embeddings ({', '.join(outputs)}: OneTrainer's, applied after the "
+            f"text encoder), not the input vectors tinv reads ({', '.join(ENCODER_ORDER)})"
+        )
+    return rest
+
+
+def _keyed_vectors(data: dict, where: str) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """`(layout, {key: [n, d]})` when `data` holds one of the per-encoder forms (the largest
+    one it holds: SD3's over SDXL's), else None. T5 vectors may be under `t5xxl` or `t5`."""
+    found = {key: data[key] for key in (CLIP_L, CLIP_G) if key in data}
+    t5_keys = [key for key in T5_FILE_KEYS if key in data]
+    if t5_keys:
+        found[T5] = data[t5_keys[0]]
+    if len(t5_keys) == 2 and not (isinstance(found[T5], torch.Tensor) and isinstance(data[T5], torch.Tensor)
+                                  and torch.equal(found[T5], data[T5])):
+        raise FileFormatError(f"{where}: `t5xxl` and `t5` hold different vectors; which T5 vectors are meant?")
+    for form in sorted(KEYED_FORMS, key=len, reverse=True):
+        if form <= set(found):
+            vectors = {key: _as_matrix(found[key], f"{where} [{key}]") for key in ENCODER_ORDER if key in form}
+            return KEYED_FORMS[form], vectors
+    return None
 
 
 # ------------------------------------------------------------------------------- reading
@@ -275,19 +323,30 @@ def load_embedding(path: str | os.PathLike) -> Embedding:
 def _cpu_float32(vectors: Vectors) -> Vectors:
     """Detached, contiguous CPU float32 copies: what every consumer expects on disk."""
     if isinstance(vectors, dict):
-        missing = [key for key in SDXL_KEYS if key not in vectors]
-        if missing:
-            raise TinvError(f"SDXL embedding lacks {', '.join(missing)}")
-        return {key: vectors[key].detach().to("cpu", torch.float32).contiguous().clone() for key in SDXL_KEYS}
+        if frozenset(vectors) not in KEYED_FORMS:
+            forms = ", ".join(" + ".join(key for key in ENCODER_ORDER if key in form) for form in KEYED_FORMS)
+            raise TinvError(f"embedding vectors for {', '.join(vectors) or 'no encoder'}: not a known form ({forms})")
+        return {key: vectors[key].detach().to("cpu", torch.float32).contiguous().clone()
+                for key in ENCODER_ORDER if key in vectors}
     if vectors.dim() != 2:
         raise TinvError(f"embedding vectors must be [vectors, width], got shape {list(vectors.shape)}")
     return vectors.detach().to("cpu", torch.float32).contiguous().clone()
 
 
+def _file_tensors(vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-encoder vectors keyed as files carry them: T5's under both `t5xxl` and `t5` (separate
+    copies: safetensors refuses tensors that share memory); SDXL's unchanged."""
+    tensors = {key: value for key, value in vectors.items() if key != T5}
+    if T5 in vectors:
+        tensors.update({key: vectors[T5].clone() for key in T5_FILE_KEYS})
+    return tensors
+
+
 def a1111_dict(embedding: Embedding) -> dict[str, Any]:
     """The exact A1111 `.pt` dict (docs/formats.md, "The A1111 `.pt` dict"), keys in A1111's order."""
-    if embedding.is_sdxl:
-        raise TinvError("the A1111 string_to_param dict holds one encoder; SDXL uses clip_l/clip_g")
+    if embedding.is_keyed:
+        raise TinvError("the A1111 string_to_param dict holds one encoder; SDXL, FLUX.1 and SD3 files are keyed "
+                        "by encoder")
     return {
         "string_to_token": {"*": 265},
         "string_to_param": {"*": _cpu_float32(embedding.vectors)},
@@ -326,21 +385,22 @@ def _fixed_metadata_order(data: bytes, metadata: dict[str, str]) -> bytes:
 
 
 def save_pt(embedding: Embedding, path: str | os.PathLike) -> Path:
-    """Write an A1111 `.pt`: A1111's dict (SD1/SD2) or `{clip_l, clip_g}` (SDXL).
+    """Write an A1111 `.pt`: A1111's dict (SD1/SD2) or the per-encoder dict (SDXL `{clip_l,
+    clip_g}`; FLUX.1 and SD3 add T5 under `t5xxl` and `t5`).
 
     Legacy serialization and plain data only, so A1111's restricted unpickler and
-    `torch.load(weights_only=True)` (ComfyUI) both accept it. SDXL files carry no metadata:
+    `torch.load(weights_only=True)` (ComfyUI) both accept it. Keyed files carry no metadata:
     A1111 converts every value of a `{clip_l, clip_g}` dict to a tensor.
     """
     path = Path(path)
-    obj = _cpu_float32(embedding.vectors) if embedding.is_sdxl else a1111_dict(embedding)
+    obj = _file_tensors(_cpu_float32(embedding.vectors)) if embedding.is_keyed else a1111_dict(embedding)
     save_a1111_pt(obj, path)
     return path
 
 
 def save_safetensors(embedding: Embedding, path: str | os.PathLike, layout: str = "emb_params") -> Path:
     """Write `.safetensors`: `{"emb_params": [n, d]}` (layout `emb_params`, kohya/A1111),
-    `{name: [n, d]}` (layout `diffusers`), or `{clip_l, clip_g}` for SDXL; with metadata."""
+    `{name: [n, d]}` (layout `diffusers`), or the per-encoder dict (SDXL, FLUX.1, SD3); with metadata."""
     from safetensors.torch import save
 
     from tinv_lib.common.atomic import atomic_write_bytes
@@ -348,7 +408,7 @@ def save_safetensors(embedding: Embedding, path: str | os.PathLike, layout: str 
     path = Path(path)
     vectors = _cpu_float32(embedding.vectors)
     if isinstance(vectors, dict):
-        tensors = vectors
+        tensors = _file_tensors(vectors)
     elif layout == "emb_params":
         tensors = {"emb_params": vectors}
     elif layout == "diffusers":
@@ -361,10 +421,10 @@ def save_safetensors(embedding: Embedding, path: str | os.PathLike, layout: str 
 
 
 def save_bin(embedding: Embedding, path: str | os.PathLike) -> Path:
-    """Write a diffusers-style `.bin`: `{name: [n, d]}` (SDXL: `{clip_l, clip_g}`), legacy pickle."""
+    """Write a diffusers-style `.bin`: `{name: [n, d]}` (keyed forms: by encoder), legacy pickle."""
     path = Path(path)
     vectors = _cpu_float32(embedding.vectors)
-    save_a1111_pt(vectors if isinstance(vectors, dict) else {str(embedding.name): vectors}, path)
+    save_a1111_pt(_file_tensors(vectors) if isinstance(vectors, dict) else {str(embedding.name): vectors}, path)
     return path
 
 

@@ -37,7 +37,7 @@ from tinv_lib.embeddings.formats import (
     embedding_from_data,
     metadata_from_dict,
 )
-from tinv_lib.models.architecture import CLIP_L, SDXL_KEYS
+from tinv_lib.models.architecture import CLIP_L
 
 TEXT_CHUNK_KEY = "sd-ti-embedding"
 # Our own chunk for SDXL metadata: A1111 turns every value of a {clip_l, clip_g} dict into a
@@ -269,9 +269,9 @@ def default_picture(embedding: Embedding, size: int = 256) -> Image.Image:
 
 
 def image_payload(embedding: Embedding) -> dict:
-    """What the image carries: the A1111 `.pt` dict, or `{clip_l, clip_g}` for SDXL."""
-    if embedding.is_sdxl:
-        return {key: embedding.vectors[key].detach().to("cpu", torch.float32) for key in SDXL_KEYS}
+    """What the image carries: the A1111 `.pt` dict, or the vectors by encoder (SDXL `{clip_l, clip_g}`)."""
+    if embedding.is_keyed:
+        return {key: embedding.vectors[key].detach().to("cpu", torch.float32) for key in embedding.dim}
     return a1111_dict(embedding)
 
 
@@ -304,13 +304,13 @@ def save_png_embedding(
             f"{embedding.vector_count}v {steps}s",
         )
     data = image_payload(embedding)
-    pattern = data[CLIP_L][0] if embedding.is_sdxl else data["string_to_param"]["*"][0]
+    pattern = data[CLIP_L][0] if embedding.is_keyed else data["string_to_param"]["*"][0]
     wrapped = insert_data_blocks(picture, data, pattern)
     if extract_data_blocks(wrapped) is None:
         raise TinvError(f"{path}: the picture hides the embedding's data blocks; use another picture")
     info = PngImagePlugin.PngInfo()
     info.add_text(TEXT_CHUNK_KEY, text_chunk_value(data))
-    if embedding.is_sdxl:
+    if embedding.is_keyed:
         meta = {key: getattr(embedding, key) for key in METADATA_KEYS if getattr(embedding, key) is not None}
         info.add_text(META_CHUNK_KEY, json.dumps(meta))
     with atomic_path(path) as tmp:
@@ -323,7 +323,7 @@ def _embedding_from_image_data(data: Any, stem: str, where: str, meta: str | Non
         raise FileFormatError(f"{where}: embedding data is not a dict")
     name = data.get("name", stem)
     embedding = embedding_from_data(data, name if isinstance(name, str) else stem, where)
-    if meta and embedding.is_sdxl:
+    if meta and embedding.is_keyed:
         try:
             values = json.loads(meta)
         except ValueError:

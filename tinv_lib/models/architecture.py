@@ -27,6 +27,7 @@ from tinv_lib.common.errors import TinvError
 SINGLE_KEY = "emb_params"
 CLIP_L = "clip_l"
 CLIP_G = "clip_g"
+T5 = "t5"  # FLUX.1's and SD3's T5-XXL (files also carry it as ComfyUI's `t5xxl`: embeddings/formats.py)
 
 _V = TypeVar("_V")  # what is kept per encoder: vectors, widths, row counts
 
@@ -51,12 +52,21 @@ class TextEncoderSlot:
     checkpoint_prefix: str  # where its weights live in a single-file (original layout) checkpoint
     open_clip: bool  # OpenCLIP layout in single files (fused q/k/v); else OpenAI CLIP's
     with_projection: bool  # has the text projection that gives SDXL's pooled text
+    is_t5: bool = False  # a T5 encoder: SentencePiece pieces (no `</w>`), no 77-token windows
 
     def model_class(self) -> Any:
         """The transformers class of this text encoder."""
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
+        if self.is_t5:
+            return T5EncoderModel
         return CLIPTextModelWithProjection if self.with_projection else CLIPTextModel
+
+    def tokenizer_class(self) -> Any:
+        """The transformers class of this encoder's tokenizer."""
+        from transformers import CLIPTokenizer, T5TokenizerFast
+
+        return T5TokenizerFast if self.is_t5 else CLIPTokenizer
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,12 @@ class Architecture:
     probe_v_prediction: bool  # single files come as eps or v without saying which (SD2)
     pipeline_class_name: str  # the diffusers pipeline class
     has_safety_checker: bool  # the pipeline class expects a safety checker (never loaded here)
+    flow_model: str = ""  # "flux" | "sd3": a transformer trained by flow matching (`models/flow.py`)
+
+    @property
+    def flow_matching(self) -> bool:
+        """The denoiser is a flow-matching transformer (FLUX.1, SD3), not a DDPM-trained UNet."""
+        return bool(self.flow_model)
 
     @property
     def label(self) -> str:
@@ -168,7 +184,44 @@ SDXL = Architecture(
     pipeline_class_name="StableDiffusionXLPipeline",
     has_safety_checker=False,
 )
-ARCHITECTURES = {arch.name: arch for arch in (SD1, SD2, SDXL)}
+# FLUX.1 (dev and schnell) and SD3/SD3.5: CLIP-L (+ CLIP-G for SD3) and T5-XXL, flow matching.
+# Single files are not read (no checkpoint layout here), so their prefixes are only names.
+FLUX = Architecture(
+    name="flux",
+    encoders=(
+        TextEncoderSlot(CLIP_L, "tokenizer", "text_encoder", "text_encoders.clip_l.transformer.text_model.",
+                        open_clip=False, with_projection=False),
+        TextEncoderSlot(T5, "tokenizer_2", "text_encoder_2", "text_encoders.t5xxl.transformer.",
+                        open_clip=False, with_projection=False, is_t5=True),
+    ),
+    checkpoint_marker="double_blocks.",
+    penultimate_hidden_state=False,  # FLUX.1 reads T5's last layer and CLIP-L's pooled output
+    text_time_conditioning=False,
+    probe_v_prediction=False,
+    pipeline_class_name="FluxPipeline",
+    has_safety_checker=False,
+    flow_model="flux",
+)
+SD3 = Architecture(
+    name="sd3",
+    encoders=(
+        TextEncoderSlot(CLIP_L, "tokenizer", "text_encoder", "text_encoders.clip_l.transformer.text_model.",
+                        open_clip=False, with_projection=True),
+        TextEncoderSlot(CLIP_G, "tokenizer_2", "text_encoder_2", "text_encoders.clip_g.transformer.text_model.",
+                        open_clip=False, with_projection=True),
+        TextEncoderSlot(T5, "tokenizer_3", "text_encoder_3", "text_encoders.t5xxl.transformer.",
+                        open_clip=False, with_projection=False, is_t5=True),
+    ),
+    checkpoint_marker="joint_blocks.",
+    penultimate_hidden_state=True,  # for both CLIPs; T5's last layer
+    text_time_conditioning=False,
+    probe_v_prediction=False,
+    pipeline_class_name="StableDiffusion3Pipeline",
+    has_safety_checker=False,
+    flow_model="sd3",
+)
+ARCHITECTURES = {arch.name: arch for arch in (SD1, SD2, SDXL, FLUX, SD3)}
+_BY_PIPELINE_CLASS = {arch.pipeline_class_name: arch for arch in (FLUX, SD3)}  # SD1/SD2 share one class
 SDXL_KEYS = SDXL.embedding_keys  # ("clip_l", "clip_g"): the two-encoder embedding form
 
 
@@ -217,6 +270,8 @@ def _from_text_encoders(has_second_encoder: bool, first_activation: str) -> Arch
 
 def of_pipeline(pipe: Any) -> Architecture:
     """The architecture of a loaded diffusers pipeline."""
+    if type(pipe).__name__ in _BY_PIPELINE_CLASS:
+        return _BY_PIPELINE_CLASS[type(pipe).__name__]
     second = getattr(pipe, SDXL.encoders[1].text_encoder, None) is not None
     return _from_text_encoders(second, pipe.text_encoder.config.hidden_act)
 
@@ -224,6 +279,8 @@ def of_pipeline(pipe: Any) -> Architecture:
 def of_folder(folder: Path) -> Architecture:
     """The architecture of a diffusers folder, from its configs alone (no weights read)."""
     index = read_json(folder / "model_index.json")
+    if index.get("_class_name") in _BY_PIPELINE_CLASS:
+        return _BY_PIPELINE_CLASS[index["_class_name"]]
     if SDXL.encoders[1].text_encoder in index:
         return SDXL  # read no further: SDXL's first encoder is OpenAI CLIP too
     text_config = read_json(folder / SD1.encoders[0].text_encoder / "config.json")
