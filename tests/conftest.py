@@ -77,6 +77,17 @@ def training_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def subprocess_temp_folder(tmp_path_factory: pytest.TempPathFactory):
+    """Subprocesses the tests start put their temporary files inside this session's folder, which
+    pytest removes (torchrun's `torchelastic_*` log folders would otherwise pile up in /tmp, one
+    per multi-process run). The tests' own process keeps its temporary folder."""
+    folder = tmp_path_factory.mktemp("subprocess-tmp")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(folder))
+        yield folder
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models on a shared 2-core machine run several times faster on one thread

@@ -69,7 +69,8 @@ def diagnose_files(paths: list[str], model: str, model_config: str | None) -> in
             print(f"error: {error}", file=sys.stderr, flush=True)
             status = EXIT_BAD_INPUT
             continue
-        print(f"{path}: {embedding.name} ({embedding.format}, step {embedding.step})")
+        step = "no step recorded" if embedding.step is None else f"step {embedding.step}"  # SDXL .pt files keep none
+        print(f"{path}: {embedding.name} ({embedding.format}, {step})")
         print("\n".join(f"  {line}" for line in diagnostics.summary_lines(embedding.name, records)), flush=True)
         for line in diagnostics.warnings_for(embedding.name, records):
             print(line, file=sys.stderr, flush=True)

@@ -9,6 +9,8 @@ What A1111 users expect (docs/formats.md, "The A1111 embeddings folder"), minus 
   only changed files are read again;
 * `*.preview.*` files and zero-byte files (a copy still in progress) are passed over; pictures
   without embedded data are listed as skipped, not as errors;
+* training checkpoints (`checkpoint-<step>/` of a training output folder) are passed over without
+  a word: their tensors and optimizer state are a run's state, never embeddings;
 * an embedding whose width does not fit the loaded model is skipped with a one-line reason;
 * a broken file is reported in one line and never stops the others;
 * duplicate names (compared case-insensitively, as prompts match them) have a defined winner:
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tinv_lib.common.errors import TinvError
+from tinv_lib.common.training_folders import is_training_checkpoint
 from tinv_lib.embeddings.formats import EMBEDDING_SUFFIXES, Embedding, NotAnEmbeddingError, load_embedding
 
 Dim = int | dict[str, int]
@@ -141,7 +144,7 @@ class EmbeddingDatabase(Mapping[str, Embedding]):
                     dirs.clear()
                     continue
                 visited.add(real)
-                dirs.sort()
+                dirs[:] = sorted(name for name in dirs if not is_training_checkpoint(Path(root) / name))
                 for file_name in sorted(files):
                     path = Path(root) / file_name
                     if not is_candidate(path):

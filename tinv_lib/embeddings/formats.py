@@ -29,6 +29,7 @@ import torch
 
 from tinv_lib.common.errors import FileFormatError, TinvError
 from tinv_lib.common.torch_files import safe_torch_load, save_a1111_pt
+from tinv_lib.common.training_folders import CHECKPOINT_MARKER
 from tinv_lib.models.architecture import ARCHITECTURES, CLIP_G, CLIP_L, T5
 from tinv_lib.models.hashes import sha256_file
 
@@ -303,6 +304,9 @@ def load_embedding(path: str | os.PathLike) -> Embedding:
         embedding.format = f"{embedding.format}-{suffix[1:]}"
     elif suffix == ".safetensors":
         tensors, metadata = _read_safetensors(path)
+        if CHECKPOINT_MARKER in metadata:
+            raise NotAnEmbeddingError(f"{path}: a training checkpoint's state, not an embedding (the embedding is "
+                                      "the .pt or .safetensors file the run saved beside its checkpoints)")
         data: dict[str, Any] = dict(tensors)
         embedding = embedding_from_data(data, path.stem, str(path))
         for key, value in _metadata_from_header(metadata).items():

@@ -251,9 +251,16 @@ class Job:
     keep_position: int | None = None  # --from_infotext of a batched image: save only this one
 
 
-def _check_positive(name: str, value: int) -> None:
-    if value < 1:
-        raise TinvError(f"--{name} must be at least 1 (got {value})")
+def check_numbers(values: Mapping[str, Any]) -> None:
+    """The counts and sides among `values` (those given; the model's size is checked once known):
+    run before the model loads, so a typo costs a second, not a model load."""
+    for name in ("steps", "batch_size", "n_iter"):
+        if values.get(name) is not None and int(values[name]) < 1:
+            raise TinvError(f"--{name} must be at least 1 (got {values[name]})")
+    for name in ("width", "height"):
+        side = values.get(name)
+        if side is not None and (side < 8 or side % 8):
+            raise TinvError(f"--{name} {side}: must be a positive multiple of 8")
 
 
 def make_job(session: Session, values: Mapping[str, Any], base: GenerationParameters | None = None) -> Job:
@@ -263,16 +270,12 @@ def make_job(session: Session, values: Mapping[str, Any], base: GenerationParame
     if base is not None:
         merged.update({key: getattr(base, key) for key in GENERATION_DEFAULTS if key != "n_iter" and getattr(base, key) is not None})
     merged.update(values)
-    for name in ("steps", "batch_size", "n_iter"):
-        _check_positive(name, int(merged[name]))
+    check_numbers(merged)
     sampler, schedule = split_sampler_name(str(merged["sampler"]), str(merged["schedule_type"] or AUTOMATIC))
     scheduler_options(sampler, schedule)  # an unusable combination fails here, before any work
     session.encoder(merged["emphasis"])  # so does an unknown emphasis mode
     width = merged["width"] or session.native_size()
     height = merged["height"] or session.native_size()
-    for name, side in (("width", width), ("height", height)):
-        if side < 8 or side % 8:
-            raise TinvError(f"--{name} {side}: must be a positive multiple of 8")
     seed = int(merged["seed"])
     if seed == -1:
         seed = random.SystemRandom().randrange(RANDOM_SEED_LIMIT)
@@ -384,7 +387,8 @@ def run_interactive(session: Session, base_values: Mapping[str, Any], lines: Ite
 def run(args: argparse.Namespace, say: Say = print, stdin: Iterable[str] | None = None) -> int:
     """Run one `generate.py` invocation (after argument parsing); returns the exit status."""
     values = given_values(args)
-    if "sampler" in values or "schedule_type" in values:  # a typo should not wait for the model to load
+    check_numbers(values)  # a typo should not wait for the model to load
+    if "sampler" in values or "schedule_type" in values:
         scheduler_options(*split_sampler_name(values.get("sampler", DEFAULT_SAMPLER), values.get("schedule_type", AUTOMATIC)))
     session = open_session(args, say)
     if args.interactive:

@@ -4,8 +4,11 @@ A checkpoint folder `checkpoint-<step>/` holds only what the run cannot recomput
 tensors (kilobytes for an embedding, not the whole text encoder as in the diffusers example),
 the optimizer state (8-bit states included), the fp16 grad-scaler state, the moving average
 with `--ema_decay` and `state.json`
-(step, start step, what is trained). Data order, noise and the learning rate are functions of
-the step (see `tinv_lib.training.data`), so no RNG state is needed.
+(step, start step, what is trained, the model's architecture and each trained tensor's shape, so
+a resume with another model or `--num_vectors` is refused in one line before the model loads).
+Data order, noise and the learning rate are functions of the step (see
+`tinv_lib.training.data`), so no RNG state is needed. `trainable.safetensors` says in its header
+that it is a checkpoint's state, so no embeddings folder takes it for an embedding.
 
 A folder is written under a temporary name and renamed when complete, so `latest` never picks a
 half-written checkpoint, whatever moment the process is killed.
@@ -25,6 +28,7 @@ import torch
 from tinv_lib.common.atomic import atomic_path
 from tinv_lib.common.errors import TinvError
 from tinv_lib.common.torch_files import safe_torch_load, save_a1111_pt
+from tinv_lib.common.training_folders import CHECKPOINT_MARKER, STATE_FILE
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -46,6 +50,7 @@ class CheckpointState:
     scaler: dict | None
     ema: tuple[dict[str, torch.Tensor], int] | None = None  # moving average and its update count
     batch: BatchShape | None = None  # how the global batch was made (None: a checkpoint from before it was kept)
+    architecture: str | None = None  # the base model's ("sd1", "sdxl", ...; None: not recorded)
 
 
 @dataclass(frozen=True)
@@ -82,11 +87,15 @@ def save_checkpoint(output_dir: Path, state: CheckpointState, keep_last: int | N
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     with atomic_path(partial / "trainable.safetensors") as tmp:  # safetensors creates its files 0600
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.tensors.items()}, str(tmp))
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.tensors.items()}, str(tmp),
+                  metadata={CHECKPOINT_MARKER: state.kind})
     save_a1111_pt(state.optimizer, partial / "optimizer.pt")
     if state.scaler is not None:
         save_a1111_pt(state.scaler, partial / "scaler.pt")
-    meta = {"step": state.step, "start_step": state.start_step, "kind": state.kind, "name": state.name}
+    meta = {"step": state.step, "start_step": state.start_step, "kind": state.kind, "name": state.name,
+            "tensors": {key: list(value.shape) for key, value in state.tensors.items()}}
+    if state.architecture is not None:
+        meta["architecture"] = state.architecture
     if state.batch is not None:
         meta.update(global_batch=state.batch.size, per_process_batch=state.batch.per_process,
                     world_size=state.batch.processes, gradient_accumulation_steps=state.batch.accumulation)
@@ -94,7 +103,7 @@ def save_checkpoint(output_dir: Path, state: CheckpointState, keep_last: int | N
         average, meta["ema_updates"] = state.ema
         with atomic_path(partial / "ema.safetensors") as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in average.items()}, str(tmp))
-    (partial / "state.json").write_text(json.dumps(meta, indent=1))
+    (partial / STATE_FILE).write_text(json.dumps(meta, indent=1))
     if final.exists():
         stale = output_dir / f".checkpoint-{state.step}.stale-{os.getpid()}"
         os.replace(final, stale)
@@ -123,7 +132,7 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoint folders, oldest first."""
     if not output_dir.is_dir():
         return []
-    found = [p for p in output_dir.iterdir() if CHECKPOINT_NAME.match(p.name) and (p / "state.json").is_file()]
+    found = [p for p in output_dir.iterdir() if CHECKPOINT_NAME.match(p.name) and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(CHECKPOINT_NAME.match(p.name)[1]))
 
 
@@ -135,30 +144,57 @@ def resolve_checkpoint(argument: str, output_dir: Path) -> Path | None:
     path = Path(argument)
     if not path.is_dir() and (output_dir / argument).is_dir():
         path = output_dir / argument
-    if not (path / "state.json").is_file():
+    if not (path / STATE_FILE).is_file():
         raise CheckpointError(f"--resume_from_checkpoint {argument}: not a checkpoint folder (no state.json)")
     return path
 
 
-def load_checkpoint(path: Path, kind: str) -> CheckpointState:
-    """Read a checkpoint folder; refuse one written by the other trainer."""
+def load_checkpoint(path: Path, kind: str, expected: dict[str, torch.Tensor] | None = None) -> CheckpointState:
+    """Read a checkpoint folder; refuse one written by the other trainer, or (given the tensors
+    this run trains, `expected`) one whose tensors do not fit them: a checkpoint from before
+    `state.json` recorded its shapes gets here without the check before the model loads."""
     from safetensors.torch import load_file
 
-    meta = json.loads((path / "state.json").read_text())
+    meta = read_state(path)
     if meta.get("kind") != kind:
         raise CheckpointError(f"{path}: a {meta.get('kind')} checkpoint cannot resume {kind} training")
+    tensors = load_file(str(path / "trainable.safetensors"))
+    if expected is not None:
+        _check_fits(path, tensors, expected)
     scaler_file, ema_file = path / "scaler.pt", path / "ema.safetensors"
     return CheckpointState(
         step=int(meta["step"]),
         start_step=int(meta.get("start_step", 0)),
         kind=kind,
         name=meta.get("name", ""),
-        tensors=load_file(str(path / "trainable.safetensors")),
+        tensors=tensors,
         optimizer=safe_torch_load(path / "optimizer.pt"),
         scaler=safe_torch_load(scaler_file) if scaler_file.is_file() else None,
         ema=(load_file(str(ema_file)), int(meta["ema_updates"])) if ema_file.is_file() else None,
         batch=batch_shape_of(meta),
+        architecture=meta.get("architecture"),
     )
+
+
+def describe_shapes(shapes: dict[str, list[int]]) -> str:
+    """`emb_params [4, 768]`; a hypernetwork's many tensors are counted, not listed."""
+    if len(shapes) > 4:
+        return f"{len(shapes)} tensors"
+    return ", ".join(f"{key} {list(shape)}" for key, shape in shapes.items())
+
+
+def _check_fits(path: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """One line naming what differs when the checkpoint's tensors are not this run's."""
+    have = {key: list(value.shape) for key, value in tensors.items()}
+    want = {key: list(value.shape) for key, value in expected.items()}
+    if have == want:
+        return
+    if len(have) > 4 and have.keys() == want.keys():  # a hypernetwork: name the first tensor that differs
+        key = next(key for key in want if have[key] != want[key])
+        have, want = {key: have[key]}, {key: want[key]}
+    raise CheckpointError(f"--resume_from_checkpoint: {path.name} holds {describe_shapes(have)}; this run trains "
+                          f"{describe_shapes(want)} (another model or other settings than the run that wrote it): "
+                          "resume with those, or start a new --output_dir")
 
 
 def batch_shape_of(meta: dict) -> BatchShape | None:
@@ -168,6 +204,11 @@ def batch_shape_of(meta: dict) -> BatchShape | None:
     return BatchShape(int(meta["per_process_batch"]), int(meta["world_size"]), int(meta["gradient_accumulation_steps"]))
 
 
+def read_state(path: Path) -> dict:
+    """A checkpoint folder's `state.json`, without loading its tensors (for the checks before the model loads)."""
+    return json.loads((path / STATE_FILE).read_text())
+
+
 def read_batch_shape(path: Path) -> BatchShape | None:
     """`batch_shape_of` a checkpoint folder, without loading its tensors (for the checks before the model loads)."""
-    return batch_shape_of(json.loads((path / "state.json").read_text()))
+    return batch_shape_of(read_state(path))

@@ -8,6 +8,13 @@ else `$WANDB_PROJECT`, else "tinv"; run name: the output folder's name; `$WANDB_
 the output folder, so an offline run lands in `<output_dir>/wandb/`). The CSV keeps A1111's columns (`step, epoch, epoch_step, loss,
 learn_rate`); on resume, rows after the resumed step (written before a kill) are dropped so the
 file reads as one uninterrupted run.
+
+Lines of text start on a line of their own, in a terminal and in a log file (`> train.log 2>&1`,
+`nohup`, cloud logs). The bar appears at the first step, after the run's opening lines, and
+closes (ending its line) at the last one, before the final files are reported. In a terminal,
+notices go through `tqdm.write`; elsewhere the bar's `\r` frames pile up on one line, so a notice
+first ends that line, and anything printed to the (block-buffered) stdout is flushed before the
+bar draws, so it lands in the file in the order it was printed.
 """
 
 from __future__ import annotations
@@ -34,8 +41,11 @@ class RunLogger:
     """Progress, CSV and the chosen trackers for one run."""
 
     def __init__(self, output_dir: Path, kind: str, args, is_main: bool, steps_per_epoch: int,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, started: float | None = None):
+        """`started`: the `time.perf_counter()` the run began at, for the closing line's time
+        (default: now)."""
         self.active = is_main
+        self.kind = kind
         self.steps_per_epoch = steps_per_epoch
         self.csv_every = args.log_csv_steps
         self.output_dir = output_dir
@@ -45,6 +55,11 @@ class RunLogger:
         self.writer = None
         self.wandb = None
         self.bar = None
+        self.bar_stream: _BarStream | None = None
+        self.total_steps, self.resumed_at = args.max_train_steps, resume_step or 0
+        self.started = time.perf_counter() if started is None else started
+        self.since = "model loading included" if started is not None else "since the model loaded"
+        self.completed_step: int | None = None  # the run's last step, once logged
         self.last_time = time.perf_counter()
         self.window: list[float] = []
         if not self.active:
@@ -59,9 +74,16 @@ class RunLogger:
             self.writer = SummaryWriter(str(output_dir / "logs"))
         if "wandb" in trackers:
             self.wandb = _start_wandb(output_dir, args)
+
+    def _open_bar(self) -> None:
+        """The progress bar, on stderr; on a file or pipe through `_BarStream`."""
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=args.max_train_steps, initial=resume_step or 0, desc=kind, dynamic_ncols=True)
+        stream = sys.stderr
+        if not _is_terminal(stream):
+            stream = self.bar_stream = _BarStream(stream)
+        self.bar = tqdm(total=self.total_steps, initial=self.resumed_at, desc=self.kind, dynamic_ncols=True,
+                        file=stream)
 
     def step(self, step: int, loss: float, rate: float, grad_norm: float, last: bool = False) -> None:
         """Record one optimizer step; the CSV gets a row every `--log_csv_steps` steps and at the
@@ -72,8 +94,14 @@ class RunLogger:
         speed = 1.0 / max(now - self.last_time, 1e-9)
         self.last_time = now
         self.window = (self.window + [loss])[-100:]
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rate:.3g}")
+        if self.bar is None and self.completed_step is None:
+            self._open_bar()
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rate:.3g}", refresh=False)
+            self.bar.update(1)
+        if last:
+            self.completed_step = step
+            self._close_bar()
         self._scalars(step, {"train/loss": loss, "train/lr": rate, "train/grad_norm": grad_norm,
                              "train/it_per_s": speed})
         if self.csv_every and (step % self.csv_every == 0 or last):
@@ -87,12 +115,21 @@ class RunLogger:
 
     def notice(self, text: str) -> None:
         """A notice on stderr, on a line of its own even while the progress bar is drawn."""
-        if not self.active:
+        if self.active:
+            self._line(text, sys.stderr)
+
+    def status(self, text: str) -> None:
+        """A line on stdout, on a line of its own even while the progress bar is drawn."""
+        if self.active:
+            self._line(text, sys.stdout)
+
+    def _line(self, text: str, stream) -> None:
+        if self.bar is not None and self.bar_stream is None:
+            self.bar.write(text, file=stream)  # a terminal: tqdm clears the bar, writes, redraws
             return
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-        else:
-            print(text, file=sys.stderr, flush=True)
+        if self.bar_stream is not None:
+            self.bar_stream.end_line()
+        print(text, file=stream, flush=True)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         """Scalars a task reports beside the loop's own (tag -> value), to every tracker."""
@@ -138,17 +175,78 @@ class RunLogger:
             self.wandb.log_images({"preview": [picture.convert("RGB") for picture in pictures]}, step=step)
             self.wandb.log({"preview/prompt": prompt}, step=step)
 
-    def close(self) -> None:
-        """Close the bar and the trackers; a second call does nothing."""
+    def finished_line(self) -> str | None:
+        """The run's closing line, once its last step was logged: how long it took, where its
+        files are (None before then, and on other processes)."""
+        if not self.active or self.completed_step is None:
+            return None
+        return (f"Done in {_duration(time.perf_counter() - self.started)} ({self.since}): "
+                f"step {self.completed_step}, files in {self.output_dir}")
+
+    def _close_bar(self) -> None:
         if self.bar is not None:
-            self.bar.close()
+            self.bar.close()  # ends the bar's line
             self.bar = None
+        if self.bar_stream is not None:
+            self.bar_stream.end_line()
+            self.bar_stream = None
+
+    def close(self) -> None:
+        """Close the bar and the trackers, then say how long the run took and where its files
+        are (when it reached its last step); a second call does nothing."""
+        self._close_bar()
+        closing = self.finished_line()
+        if closing is not None:
+            self.completed_step = None
+            print(closing, flush=True)
         if self.writer is not None:
             self.writer.close()
             self.writer = None
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+class _BarStream:
+    """The progress bar's file when it is not a terminal: flushes stdout before each frame (so
+    lines printed before it come first in a shared log file) and knows whether a frame left the
+    line open, so that `end_line` can end it before another line is written."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.open = False
+
+    def write(self, text: str) -> int:
+        if text:
+            sys.stdout.flush()
+            self.open = not text.endswith("\n")
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def end_line(self) -> None:
+        if self.open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.open = False
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a closed or stand-in stream
+        return False
+
+
+def _duration(seconds: float) -> str:
+    """`42.3 s`, `3 min 5 s`, `1 h 2 min`: as a person reads a run's length."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, whole = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {whole} s"
+    return f"{minutes // 60} h {minutes % 60} min"
 
 
 def _start_wandb(output_dir: Path, args):

@@ -89,6 +89,7 @@ def _set_up(args, task: TrainingTask) -> TrainingRun:
     """Model, data, optimizer, resume, schedules and the run's announcement, in that order."""
     from accelerate.utils import set_seed
 
+    started = time.perf_counter()  # the closing line says how long the whole run took
     accelerator = _fresh_accelerator(args.mixed_precision)
     device, weight_dtype = accelerator.device, _weight_dtype(accelerator.mixed_precision)
     set_seed(args.seed)
@@ -119,7 +120,7 @@ def _set_up(args, task: TrainingTask) -> TrainingRun:
         clip_value=_clip_schedule(args.clip_grad_value, args.max_train_steps, resumed.start_step),
         noise_scheduler=noise_scheduler,
         logger=RunLogger(output_dir, task.kind, args, accelerator.is_main_process, plan.steps_per_epoch,
-                         resume_step=resumed.step if resumed.checkpoint else None),
+                         resume_step=resumed.step if resumed.checkpoint else None, started=started),
         start_step=resumed.start_step, step=resumed.step, end_step=min(args.max_train_steps, schedule.end_step),
         previews_on=bool(args.validation_steps), ema=_moving_average(args, task, resumed),
         resumed_from=resumed.checkpoint,
@@ -220,7 +221,7 @@ def _resume(args, task: TrainingTask, optimizer, output_dir: Path, file_step: in
         if task.optimizer_state:
             optimizer.load_state_dict(task.optimizer_state)
         return _Resumed(None, file_step, file_step)
-    state = ckpt.load_checkpoint(path, task.kind)
+    state = ckpt.load_checkpoint(path, task.kind, expected=task.state_tensors())
     task.load_state_tensors(state.tensors)
     optimizer.load_state_dict(state.optimizer)
     return _Resumed(path, state.step, state.start_step, state.scaler, state.ema, state.batch)
@@ -433,7 +434,7 @@ def _save_checkpoint(run: TrainingRun) -> Path:
         step=run.step, start_step=run.start_step, kind=run.task.kind, name=run.task.name,
         tensors=run.task.state_tensors(), optimizer=run.optimizer.state_dict(),
         scaler=scaler.state_dict() if scaler else None, ema=run.ema.state() if run.ema else None,
-        batch=run.batch_shape,
+        batch=run.batch_shape, architecture=run.model_info.arch,
     )
     return ckpt.save_checkpoint(run.output_dir, state, run.args.checkpoints_total_limit, keep=run.resumed_from)
 

@@ -117,13 +117,48 @@ def _check_paths(args: argparse.Namespace) -> None:
     require_folder("mask_dir", args.mask_dir)
     require_folder("validation_data_dir", args.validation_data_dir)
     load_template(args.template_file)
-    if args.resume_from_checkpoint:
-        _check_resume_batch(args, resolve_checkpoint(args.resume_from_checkpoint, Path(args.output_dir)))
+    _check_output_dir(args.output_dir)
     model = args.pretrained_model_name_or_path
     looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/"))
     if not Path(model).exists() and not looks_like_hub_id:
         raise ArgumentError(f"--pretrained_model_name_or_path {model}: no such model folder or file")
     require_folder("model_config", args.model_config)
+    if args.resume_from_checkpoint:
+        checkpoint = resolve_checkpoint(args.resume_from_checkpoint, Path(args.output_dir))
+        _check_resume_batch(args, checkpoint)
+        _check_resume_model(args, checkpoint)
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """The output folder is a folder, or can be made one: no file stands at its place or above it."""
+    for place in (Path(output_dir), *Path(output_dir).parents):
+        if place.exists() and not place.is_dir():
+            raise ArgumentError(f"--output_dir {output_dir}: {place} is a file, not a folder; name a folder "
+                                "(it is made if missing)")
+        if place.exists():
+            return
+
+
+def _check_resume_model(args: argparse.Namespace, checkpoint: Path | None) -> None:
+    """A checkpoint resumes only on the architecture it was trained on (it records it; a
+    checkpoint from before that, or a model whose configs cannot be read here, is checked
+    against the trained tensors' shapes once the model has loaded)."""
+    from tinv_lib.models.architecture import ModelLoadError, of_folder
+    from tinv_lib.training.checkpoints import read_state
+
+    trained_on = read_state(checkpoint).get("architecture") if checkpoint is not None else None
+    folder = next((Path(f) for f in (args.pretrained_model_name_or_path, args.model_config) if f and Path(f).is_dir()),
+                  None)
+    if trained_on is None or folder is None:
+        return
+    try:
+        architecture = of_folder(folder)
+    except ModelLoadError:
+        return  # the loader reports a broken model folder in its own words
+    if architecture.name != trained_on:
+        raise ArgumentError(f"--resume_from_checkpoint: {checkpoint.name} was trained on an {trained_on.upper()} model; "
+                            f"{args.pretrained_model_name_or_path} is {architecture.label}: resume with the model it "
+                            "was trained on, or start a new --output_dir")
 
 
 def _check_resume_batch(args: argparse.Namespace, checkpoint: Path | None) -> None:

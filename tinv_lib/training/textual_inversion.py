@@ -62,8 +62,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 1 <= args.num_vectors <= MAX_VECTORS:
         raise ArgumentError(f"--num_vectors must be 1-{MAX_VECTORS} (one prompt holds 75 tokens), not {args.num_vectors}")
     require_file("resume_from_embedding", args.resume_from_embedding)
+    _check_resume_vectors(args)
     args.placeholder_token = sanitize_name(args.placeholder_token, "embedding")
+    if " " in args.placeholder_token:
+        print(f"notice: the embedding name {args.placeholder_token!r} has a space: prompts must hold it as written, "
+              f"space included (\"a photo of {args.placeholder_token}\"), as in A1111", file=sys.stderr)
     return args
+
+
+def _check_resume_vectors(args: argparse.Namespace) -> None:
+    """A checkpoint resumes only with the vector count it was trained with (recorded in its
+    `state.json`; `--resume_from_embedding` brings its own count, checked once the file is read)."""
+    from tinv_lib.training.checkpoints import read_state, resolve_checkpoint
+
+    if not args.resume_from_checkpoint or args.resume_from_embedding:
+        return
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, Path(args.output_dir))
+    shapes = read_state(checkpoint).get("tensors", {}) if checkpoint is not None else {}
+    counts = {shape[0] for shape in shapes.values()}
+    if counts and counts != {args.num_vectors}:
+        raise ArgumentError(f"--resume_from_checkpoint: {checkpoint.name} holds {max(counts)} vectors per text "
+                            f"encoder; this run asks for --num_vectors {args.num_vectors}: pass --num_vectors "
+                            f"{max(counts)} to resume it, or start a new --output_dir")
 
 
 class TextualInversionTask:
