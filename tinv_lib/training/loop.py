@@ -350,8 +350,8 @@ def _roll_back(run: TrainingRun, loss: float, rate: float) -> bool:
         if run.is_main:
             fp16 = ", or fp16 overflowed (try --mixed_precision bf16 or no)" if run.weight_dtype == torch.float16 else ""
             gave_up = f"rolled back {MAX_ROLLBACKS} times; " if run.rollbacks > 1 else ""
-            print(f"error: loss became {loss} at step {run.step}: the learning rate ({rate}) is likely too high"
-                  f"{fp16}; {gave_up}stopped without saving over the last good files", file=sys.stderr)
+            run.logger.notice(f"error: loss became {loss} at step {run.step}: the learning rate ({rate}) is likely too "
+                              f"high{fp16}; {gave_up}stopped without saving over the last good files")
         return False
     run.restore_snapshot()
     run.lr_multiplier *= 0.5
