@@ -121,3 +121,18 @@ def test_diffusers_flux_pipeline_loads_the_file_one_encoder_at_a_time(tiny_flux_
         ids = tokenizer.convert_tokens_to_ids(["<c0>", "<c1>"])
         assert torch.equal(encoder.get_input_embeddings().weight[ids], vectors[key])
         assert set(ids) <= set(tokenizer("a <c0> <c1> toy").input_ids)  # each an added token
+
+
+def test_diagnostics_compare_each_encoders_vectors_with_its_own_vocabulary(tiny_flux_path, tmp_path, capsys):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(tiny_flux_path)
+    red_l = pipe.tokenizer("red", add_special_tokens=False).input_ids[0]
+    red_t5 = pipe.tokenizer_2("red", add_special_tokens=False).input_ids[0]
+    vectors = {"clip_l": pipe.text_encoder.get_input_embeddings().weight[[red_l]].detach(),
+               "t5": pipe.text_encoder_2.get_input_embeddings().weight[[red_t5]].detach()}
+    path = save_embedding(Embedding("red", vectors), tmp_path / "red.safetensors")
+    assert main(["inspect", "--diagnose", str(path), "--model", str(tiny_flux_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "nearest red</w> 1.000" in lines[1] and lines[1].strip().startswith("red clip_l[0]")
+    assert "nearest \u2581red 1.000" in lines[2] and lines[2].strip().startswith("red t5[0]")

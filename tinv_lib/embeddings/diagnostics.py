@@ -115,12 +115,10 @@ def load_vocabularies(model: str | os.PathLike, model_config: str | os.PathLike 
         from tinv_lib.models.loading import load_base_model
 
         return vocabularies_of(family_of(load_base_model(folder, model_config)[0]))
-    from transformers import CLIPTokenizer
-
     architecture = of_folder(folder)
     slots = architecture.encoders
     try:
-        tokenizers = [CLIPTokenizer.from_pretrained(folder / slot.tokenizer) for slot in slots]
+        tokenizers = [slot.tokenizer_class().from_pretrained(folder / slot.tokenizer) for slot in slots]
         encoders = [slot.model_class().from_pretrained(folder / slot.text_encoder) for slot in slots]
     except (OSError, ValueError) as error:
         raise TinvError(f"{folder}: cannot load its tokenizer and text encoder ({str(error).splitlines()[0]})") from None

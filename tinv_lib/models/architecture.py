@@ -33,6 +33,7 @@ _V = TypeVar("_V")  # what is kept per encoder: vectors, widths, row counts
 
 _OPENAI_CLIP_ACTIVATION = "quick_gelu"  # OpenAI CLIP-L (SD1) uses it; OpenCLIP (SD2) uses gelu
 _SDXL_CONDITIONER = "conditioner.embedders."  # SDXL-style checkpoints (base and refiner)
+_COMFY_PREFIX = "model.diffusion_model."  # where single files in ComfyUI's layout keep the denoiser
 
 
 class ModelLoadError(TinvError):
@@ -185,7 +186,7 @@ SDXL = Architecture(
     has_safety_checker=False,
 )
 # FLUX.1 (dev and schnell) and SD3/SD3.5: CLIP-L (+ CLIP-G for SD3) and T5-XXL, flow matching.
-# Single files are not read (no checkpoint layout here), so their prefixes are only names.
+# Single files are recognised by their transformer blocks and refused (no checkpoint layout here).
 FLUX = Architecture(
     name="flux",
     encoders=(
@@ -301,6 +302,10 @@ def of_checkpoint_keys(keys: Iterable[str]) -> Architecture:
     for arch in (SD2, SD1):
         if has(arch.checkpoint_marker):
             return arch
+    for arch in (FLUX, SD3):  # original BFL / SAI layouts, bare or under ComfyUI's prefix
+        if has(arch.checkpoint_marker) or has(_COMFY_PREFIX + arch.checkpoint_marker):
+            raise ModelLoadError(f"single-file {arch.label} checkpoints are not read; pass its diffusers folder "
+                                 f"(a {arch.pipeline_class_name} folder with model_index.json)")
     raise ModelLoadError("not a Stable Diffusion checkpoint (no known text-encoder keys)")
 
 
