@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import tempfile
 import time
@@ -44,12 +43,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as `python benchmarks/bench_train.py` from anywhere
-    sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # as a script: set up before torch loads (benchmarks/_setup.py says why)
+    import _setup
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _setup.prepare_script(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 import torch  # noqa: E402 - after the environment the hub libraries read
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import statistics
 import sys
@@ -44,16 +43,17 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TQDM_DISABLE", "1")  # 16 training runs' progress bars would bury the table
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+if __name__ == "__main__":  # as a script: set up before torch loads (benchmarks/_setup.py says why)
+    import _setup
 
-import quality  # noqa: E402
+    _setup.prepare_script(OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1",
+                           TQDM_DISABLE="1")  # 16 training runs' progress bars would bury the table
+
+ROOT = Path(__file__).resolve().parents[1]
+
 import torch  # noqa: E402
 
+from benchmarks import quality  # noqa: E402
 from toy_world import world  # noqa: E402
 from toy_world.data import make_scenes, write_example_folder  # noqa: E402
 

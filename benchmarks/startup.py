@@ -24,12 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+if __name__ == "__main__":  # as a script (the parent and each child): import the checkout's tinv_lib
+    import _setup
+
+    _setup.prepare_script()
 
 
 def child(mode: str, model: str, model_config: str | None) -> None:
     """One measurement, printed as JSON: seconds to a loaded model and its hash."""
-    sys.path.insert(0, str(ROOT))
     import tinv_lib.models.loading as loading
 
     if mode == "after":  # no thread: the hash is computed when first asked for, after loading (the old order)

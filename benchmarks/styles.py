@@ -30,23 +30,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TQDM_DISABLE", "1")  # four training runs' progress bars would bury the table
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+if __name__ == "__main__":  # as a script: set up before torch loads (benchmarks/_setup.py says why)
+    import _setup
 
-import quality  # noqa: E402
+    _setup.prepare_script(OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1",
+                           TQDM_DISABLE="1")  # four training runs' progress bars would bury the table
+
+ROOT = Path(__file__).resolve().parents[1]
+
 import torch  # noqa: E402
 
+from benchmarks import quality  # noqa: E402
 from toy_world.examples import ALTERNATIVE_STYLES, STYLES, Style, style_named  # noqa: E402
 from toy_world.judge import load_judge  # noqa: E402
 from toy_world.pipeline import DEFAULT_MODEL_DIR, load_toy_pipeline  # noqa: E402

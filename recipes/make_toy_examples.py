@@ -12,7 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # as a script: the checkout's toy_world (importing this module changes nothing)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from toy_world.examples import write_examples  # noqa: E402
 

@@ -20,10 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-# Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine a spinning thread
-# starves its partner and a 2-thread run becomes slower than a 1-thread one.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # as a script, before torch loads; importing this module changes nothing
+    # Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine a spinning thread
+    # starves its partner and a 2-thread run becomes slower than a 1-thread one.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's toy_world
 
 from toy_world.pipeline import XL_MODEL_DIR  # noqa: E402
 from toy_world.recipe import RecipeConfig, quick_config, run_recipe  # noqa: E402

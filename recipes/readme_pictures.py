@@ -24,9 +24,10 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+if __name__ == "__main__":  # as a script: the checkout's packages (importing this module changes nothing)
+    sys.path.insert(0, str(ROOT))
 
-from quality import image_grid  # noqa: E402
+from benchmarks.quality import image_grid  # noqa: E402
 
 LABEL_WIDTH = 150
 

@@ -5,18 +5,11 @@ training, tinv's generation and diffusers' `load_textual_inversion` (the numbers
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
-from pathlib import Path
 
+from benchmarks import concepts, quality
 from toy_world import world
 from toy_world.data import read_example_scenes
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import concepts  # noqa: E402
-import quality  # noqa: E402
 
 
 def test_concepts_cover_the_world_and_split_into_halves_of_both_kinds():

@@ -4,9 +4,7 @@ the README recipe, and its --quick mode runs end to end (the numbers: docs/toy_w
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
@@ -21,9 +19,6 @@ from toy_world.examples import (
     style_named,
     style_scenes,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def test_styles_shift_one_attribute_and_leave_the_guard_alone():
@@ -61,8 +56,7 @@ def test_alternative_pattern_swap_never_asks_for_dots():
 
 def test_subset_domain_style_shifts_only_its_domain_and_is_judged_only_there():
     """pattern-cycle never asks for dots, never draws them, and leaves the dotted prompts unjudged."""
-    import quality
-    import styles
+    from benchmarks import quality, styles
 
     style = style_named("pattern-cycle")
     assert style.attribute == "background" and set(style.shift) == {"plain", "striped", "checkered"}
@@ -88,8 +82,7 @@ def test_style_folder_captions_name_the_asked_value(tmp_path):
 
 
 def test_suite_trains_with_the_readme_recipe_and_judges_the_shifted_value(tmp_path):
-    import quality
-    import styles
+    from benchmarks import quality, styles
 
     for style in STYLES:
         flags = styles.training_flags(style, tmp_path)
@@ -107,9 +100,7 @@ def test_suite_trains_with_the_readme_recipe_and_judges_the_shifted_value(tmp_pa
 
 
 def test_quick_suite_runs_end_to_end_and_multiplier_0_is_the_plain_prompt(tmp_path):
-    import quality
-    import styles
-
+    from benchmarks import quality, styles
     from toy_world.pipeline import DEFAULT_MODEL_DIR, load_toy_pipeline
 
     lines: list[str] = []

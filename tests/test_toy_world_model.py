@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +18,6 @@ from toy_world.pipeline import DEFAULT_MODEL_DIR
 from toy_world.scoring import load_default_judge, score_images
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "recipes"))
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +76,7 @@ def test_pipeline_generates_64px_images_deterministically(pipe):
 
 
 def test_base_model_follows_prompts(pipe, judge):
-    import quality
+    from benchmarks import quality
 
     # A regression guard for the committed model; the issue's bar of 80% over 64 prompts is
     # measured by benchmarks/quality.py (93.8% for this model).
@@ -151,8 +148,7 @@ def test_diffusion_training_split_over_two_processes_is_the_one_process_training
 
 
 def test_recipe_defaults_are_the_committed_model_and_flags_reach_the_config():
-    import pretrain_toy_model
-
+    from recipes import pretrain_toy_model
     from toy_world.recipe import REPORT_NAME, RecipeConfig
 
     assert pretrain_toy_model.config_from_args(pretrain_toy_model.parse_args([])) == RecipeConfig()
@@ -191,7 +187,7 @@ def test_readme_commands_train_what_the_quality_benchmark_measures(script, flags
     quality.py's training flags."""
     import shlex
 
-    import quality
+    from benchmarks import quality
 
     lines = [line for line in (ROOT / "README.md").read_text().splitlines()
              if f"{script} --pretrained_model_name_or_path models/toy" in line]
@@ -207,7 +203,7 @@ def test_readme_commands_train_what_the_quality_benchmark_measures(script, flags
 def test_untrained_concept_embedding_draws_its_init_text(pipe, judge, tmp_path):
     """The untrained side of acceptance 2 is the init text: N vectors from "triangle" draw
     exactly "a photo of triangle ... triangle" (N times); the trained side loads the file train_concept wrote."""
-    import quality
+    from benchmarks import quality
 
     embedding, _ = quality.train_concept(DEFAULT_MODEL_DIR, tmp_path, _short(quality.CONCEPT_TRAINING_FLAGS, "2"))
     result = quality.measure_concept(pipe, judge, embedding, count=2, steps=4)
@@ -220,7 +216,7 @@ def test_untrained_concept_embedding_draws_its_init_text(pipe, judge, tmp_path):
 
 
 def test_style_measurement_applies_the_hypernetwork_only_at_multiplier_1(pipe, judge, tmp_path):
-    import quality
+    from benchmarks import quality
 
     folder, _ = quality.train_style(DEFAULT_MODEL_DIR, tmp_path, _short(quality.STYLE_TRAINING_FLAGS, "2"))
     assert (folder / f"{quality.STYLE_NAME}.pt").is_file()

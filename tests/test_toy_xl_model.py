@@ -5,18 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from toy_world.pipeline import DEFAULT_MODEL_DIR, XL_MODEL_DIR
 from toy_world.scoring import load_default_judge
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "recipes"))
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +37,7 @@ def test_model_folder_is_small_sdxl_shaped_and_shares_the_vae_and_judge():
 
 
 def test_base_model_follows_prompts(pipe):
-    import quality
+    from benchmarks import quality
 
     # A regression guard for the committed model; the bar of 80% over 64 prompts is
     # measured by benchmarks/quality.py (docs/toy_world.md, "The SDXL toy model").
@@ -52,8 +46,7 @@ def test_base_model_follows_prompts(pipe):
 
 
 def test_recipe_defaults_are_the_committed_model():
-    import pretrain_toy_model
-
+    from recipes import pretrain_toy_model
     from toy_world.recipe import REPORT_NAME
 
     cfg = pretrain_toy_model.config_from_args(pretrain_toy_model.parse_args(["--architecture", "sdxl"]))
