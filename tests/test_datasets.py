@@ -250,3 +250,27 @@ def test_a_killed_stream_resumes_as_the_uninterrupted_run(tiny_sd1_path, tmp_pat
     assert f"at step {at}" in output
     whole, resumed = (load_embedding(tmp_path / run / "tok.pt") for run in ("whole", "killed"))
     assert resumed.step == RESUME_STEPS and torch.allclose(whole.vectors, resumed.vectors, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------ preprocess.py
+
+
+def test_preprocess_writes_a_dataset_that_trains_as_its_folder(training_images, tiny_sd1_path, tmp_path, capsys):
+    from tinv_lib.preprocessing.cli import main as preprocess
+
+    dest = tmp_path / "prepared"
+    assert preprocess(["--source_dir", str(training_images), "--dest_dir", str(dest), "--width", "64", "--height", "64",
+                       "--flip", "--existing_caption", "copy", "--output_format", "dataset"]) == 0
+    assert f"train with --dataset_name {dest / 'dataset'}" in capsys.readouterr().out
+    import datasets
+
+    saved = datasets.load_from_disk(str(dest / "dataset"))
+    assert saved.column_names == ["image", "text", "file_name"] and len(saved) == 8
+    assert "red, circle, white background" in saved["text"] and "a green circle" in saved["text"]  # sidecar, file name
+    assert main(_argv(tiny_sd1_path, tmp_path / "folder", ["--train_data_dir", str(dest)])) == 0
+    assert main(_argv(tiny_sd1_path, tmp_path / "dataset", ["--dataset_name", str(dest / "dataset")])) == 0
+    want, got = (load_embedding(tmp_path / run / "tok.pt").vectors for run in ("folder", "dataset"))
+    assert torch.equal(want, got)
+    assert preprocess(["--source_dir", str(training_images), "--dest_dir", str(tmp_path / "plain"), "--width", "64",
+                       "--height", "64"]) == 0
+    assert not (tmp_path / "plain" / "dataset").exists()  # a folder stays the default
