@@ -111,6 +111,20 @@ def test_each_source_trains_as_its_folder(source, sources, tiny_sd1_path, tmp_pa
     assert validation[0] == validation[1] and validation[0].count("\n") == 4
 
 
+def test_the_hypernetwork_trainer_reads_datasets_too(sources, tiny_sd1_path, tmp_path):
+    from tinv_lib.hypernetworks import load_hypernetwork
+    from tinv_lib.training.hypernetwork import main as train_hypernetwork
+
+    flags, folder = sources["parquet folder"]
+    runs = {"folder": ["--train_data_dir", str(folder)], "dataset": flags}
+    for run, source in runs.items():
+        argv = train_argv(tiny_sd1_path, folder, tmp_path / run, *FLAGS, name="hn", hypernetwork=True)
+        at = argv.index("--train_data_dir")
+        assert train_hypernetwork(argv[:at] + source + argv[at + 2:]) == 0
+    want, got = (load_hypernetwork(tmp_path / run / "hn.pt").state_dict() for run in runs)
+    assert want.keys() == got.keys() and all(torch.equal(want[key], got[key]) for key in want)
+
+
 def test_latent_cache_is_keyed_by_the_datasets_fingerprint(sources, tiny_sd1_path, tmp_path):
     cache = tmp_path / "latents"
     flags = [*sources["save_to_disk"][0], "--latent_cache_dir", str(cache)]
