@@ -14,16 +14,17 @@ import pytest
 import torch
 
 from testing.tiny import build_tiny_pipeline
+from tinv_lib.generation.extra_networks import HypernetworkHandler
 from tinv_lib.hypernetworks import (
     HypernetworkAttnProcessor,
     apply_hypernetworks,
     context_widths,
     create_hypernetwork,
-    extract_hypernetworks,
     install_hypernetworks,
     make_options,
     save_hypernetwork,
 )
+from tinv_lib.prompts.syntax import parse_extra_networks
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +77,16 @@ def test_prompt_tags_apply_both_networks_in_order(sd1, tmp_path):
     a, b = _network("a", sd1.unet, seed=1), _network("b", sd1.unet, seed=2, activation="tanh")
     save_hypernetwork(a, tmp_path / "a.pt")
     save_hypernetwork(b, tmp_path / "b.pt")
-    prompt, stack = extract_hypernetworks("a red circle<hypernet:a:1><hypernet:b:1>", tmp_path)
-    assert prompt == "a red circle" and [(n.name, m) for n, m in stack] == [("a", 1.0), ("b", 1.0)]
+    prompt, tags = parse_extra_networks("a red circle<hypernet:a:1><hypernet:b:1>")
+    handler = HypernetworkHandler(tmp_path, notify=pytest.fail)
+    with handler(sd1, tags["hypernet"]):
+        both = _image(sd1, prompt)
+    assert prompt == "a red circle" and handler.applied == [("a", 1.0), ("b", 1.0)]
 
     def image_with(stack):
         with apply_hypernetworks(sd1.unet, stack):
             return _image(sd1, prompt)
 
-    both = image_with(stack)
     assert np.array_equal(both, image_with([(a, 1.0), (b, 1.0)]))
     for other in ([(a, 1.0)], [(b, 1.0)], [(b, 1.0), (a, 1.0)]):
         assert np.abs(both - image_with(other)).max() > 1e-4

@@ -2,43 +2,42 @@
 (docs/hypernetworks.md, "Using hypernetworks").
 """
 
-import logging
 import os
 
 import pytest
+from helpers_embeddings import tiny_pipeline
 
-from tinv_lib.common.errors import TinvError
+from tinv_lib.generation.extra_networks import HypernetworkHandler
+from tinv_lib.generation.txt2img import generate
 from tinv_lib.hypernetworks import (
+    context_widths,
     create_hypernetwork,
-    extract_hypernetworks,
     list_hypernetworks,
     make_options,
-    parse_extra_networks,
-    parse_hypernet_tags,
     save_hypernetwork,
 )
+from tinv_lib.prompts.syntax import parse_extra_networks
 
 
-def test_tags_are_removed_and_read_in_order_with_default_multiplier():
-    clean, tags = parse_hypernet_tags("a cat <hypernet:anime style:0.6>, sitting<hypernet:b> <hypernet:c:2:extra>")
+def test_tags_are_removed_and_grouped_by_kind_in_order():
+    clean, tags = parse_extra_networks("a cat <hypernet:anime style:0.6>, sitting<hypernet:b> <lora:x:0.8><hypernet:c:2:extra>")
     assert clean == "a cat , sitting "
-    assert tags == [("anime style", 0.6), ("b", 1.0), ("c", 2.0)]
-
-
-def test_other_extra_networks_are_removed_too_and_reported(caplog):
-    with caplog.at_level(logging.WARNING):
-        clean, tags = parse_hypernet_tags("photo <lora:thing:0.8> of <hypernet:x:0.5>")
-    assert clean == "photo  of " and tags == [("x", 0.5)]
-    assert "Skipping unknown extra network: lora" in caplog.text
+    assert tags == {"hypernet": [["anime style", "0.6"], ["b"], ["c", "2", "extra"]], "lora": [["x", "0.8"]]}
 
 
 def test_text_that_is_not_a_tag_stays():
-    assert parse_extra_networks("a <b> c <not a tag:1> <x-y:1>") == ("a <b> c <not a tag:1> <x-y:1>", [])
+    assert parse_extra_networks("a <b> c <not a tag:1> <x-y:1>") == ("a <b> c <not a tag:1> <x-y:1>", {})
 
 
-def test_bad_multiplier_is_a_one_line_error():
-    with pytest.raises(TinvError, match="multiplier 'strong' is not a number"):
-        parse_hypernet_tags("<hypernet:x:strong>")
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline("sd1")
+
+
+def test_other_extra_networks_are_removed_and_reported_as_skipped(pipe, tmp_path):
+    result = generate(pipe, "photo <lora:thing:0.8> of", steps=1, width=64, height=64,
+                      extra_networks={"hypernet": HypernetworkHandler(tmp_path)})
+    assert result.notices == ["Skipping unknown extra network: lora"]
 
 
 def _write(path, name="n"):
@@ -55,37 +54,41 @@ def test_listing_is_recursive_by_stem_later_duplicates_win_and_none_is_skipped(t
     assert listed["dup"] == tmp_path / "b" / "dup.pt"
 
 
-def test_extract_loads_named_files_and_skips_missing_ones(tmp_path, caplog):
-    _write(tmp_path / "style.pt", name="inner name")
-    with caplog.at_level(logging.WARNING):
-        clean, stack = extract_hypernetworks("x <hypernet:style:0.25> <hypernet:missing:1>", tmp_path)
-    assert clean == "x  "
-    assert [(network.name, multiplier) for network, multiplier in stack] == [("inner name", 0.25)]
-    assert "'missing' not found" in caplog.text
-    assert extract_hypernetworks("no tags", tmp_path / "does-not-exist") == ("no tags", [])
+def test_handler_applies_named_files_at_their_multiplier_in_order(pipe, tmp_path):
+    widths = context_widths(pipe.unet)
+    for name in ("style", "other"):
+        save_hypernetwork(create_hypernetwork(f"inner {name}", widths, make_options(), seed=0), tmp_path / f"{name}.pt")
+    handler = HypernetworkHandler(tmp_path, notify=pytest.fail)
+    _, tags = parse_extra_networks("x <hypernet:other:0.25> <hypernet:style>")
+    with handler(pipe, tags["hypernet"]):
+        pass
+    assert handler.applied == [("other", 0.25), ("style", 1.0)]
 
 
-def test_cache_reuses_unchanged_files_and_reloads_changed_ones(tmp_path):
+def test_handler_reuses_unchanged_files_and_reloads_changed_ones(pipe, tmp_path):
+    """The folder is read at every use, a file only when its mtime or size changed: a file broken
+    behind the cache's back (same size, same mtime) still applies; touched, it is read again."""
     path = tmp_path / "style.pt"
-    _write(path)
-    cache = {}
-    first = extract_hypernetworks("<hypernet:style>", tmp_path, cache)[1][0][0]
-    assert extract_hypernetworks("<hypernet:style>", tmp_path, cache)[1][0][0] is first
-    _write(path, name="changed")
+    save_hypernetwork(create_hypernetwork("first", context_widths(pipe.unet), make_options(), seed=0), path)
+    notices = []
+    handler = HypernetworkHandler(tmp_path, notify=notices.append)
+    with handler(pipe, [["style"]]):
+        pass
     stat = path.stat()
+    path.write_bytes(b"x" * stat.st_size)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with handler(pipe, [["style"]]):
+        pass
+    assert handler.applied == [("style", 1.0)] and notices == []
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    assert extract_hypernetworks("<hypernet:style>", tmp_path, cache)[1][0][0].name == "changed"
+    with handler(pipe, [["style"]]):
+        pass
+    assert handler.applied == [] and len(notices) == 1 and notices[0].startswith("<hypernet:style>: skipped: ")
 
 
-def test_handler_reports_every_unusable_tag_in_one_line_and_applies_the_rest(tmp_path):
+def test_handler_reports_every_unusable_tag_in_one_line_and_applies_the_rest(pipe, tmp_path):
     """generate.py's `<hypernet:...>` handler: a broken file, an unknown name, a bad multiplier and
     a network for another model family are each one notice; the good tag is still applied."""
-    from helpers_embeddings import tiny_pipeline
-
-    from tinv_lib.generation.extra_networks import HypernetworkHandler
-    from tinv_lib.hypernetworks import context_widths
-
-    pipe = tiny_pipeline("sd1")
     widths = context_widths(pipe.unet)
     save_hypernetwork(create_hypernetwork("good", widths, make_options(), seed=0), tmp_path / "good.pt")
     save_hypernetwork(create_hypernetwork("wide", [4096], make_options(), seed=0), tmp_path / "wide.pt")

@@ -158,7 +158,7 @@ def test_bad_mask_files_give_one_notice_each_and_training_finishes(tiny_sd1_path
     lines = capsys.readouterr().err.splitlines()
     notices = [line for line in lines if line.startswith("notice:")]
     assert notices == [
-        "notice: 0000-masklabel.png: unreadable mask (UnidentifiedImageError); its image trains unmasked",
+        "notice: 0000-masklabel.png: unreadable mask (not an image); its image trains unmasked",
         "notice: 0001-masklabel.png: mask is 32x32, its image 64x64; resized to the image",
         "notice: 2 of 3 images have no usable mask (<stem>-masklabel.png beside the image): "
         "they train with weight 1 everywhere",

@@ -243,7 +243,7 @@ def test_config_file_supplies_flags_and_command_line_wins(tiny_sd1_path, trainin
     )
     args = parse_args(["--config", str(config), "--max_train_steps", "3"])
     assert args.placeholder_token == "from-config" and args.max_train_steps == 3
-    assert args.learning_rate == "0.001:5, 0.0001"
+    assert str(args.learning_rate) == "0.001:5, 0.0001"
     yaml_config = tmp_path / "run.yaml"
     yaml_config.write_text("placeholder_token: other\nbogus_flag: 1\n")
     with pytest.raises(Exception, match="unknown setting"):

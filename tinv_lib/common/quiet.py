@@ -36,11 +36,18 @@ class _DropKnownNoise(logging.Filter):
 
 
 def silence_known_noise() -> None:
-    """Install the filters (once) and keep diffusers from importing bitsandbytes on its own."""
+    """Install the filters (once), turn the libraries' loading and saving progress bars off (they
+    would bury our one-line reports), and keep diffusers from importing bitsandbytes on its own.
+    The one way every script quiets the libraries."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     for name, pattern in KNOWN_NOISE.items():
         logger = logging.getLogger(name)
         if not any(isinstance(existing, _DropKnownNoise) for existing in logger.filters):
             logger.addFilter(_DropKnownNoise(pattern))
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     _keep_bitsandbytes_unloaded()
 
 

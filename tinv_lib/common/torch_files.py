@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from tinv_lib.common.atomic import atomic_path
-from tinv_lib.common.errors import FileFormatError, UnsafeFileError
+from tinv_lib.common.errors import FileFormatError, UnsafeFileError, first_line
 
 
 class InertObject:
@@ -138,8 +138,7 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
     except FileNotFoundError:
         raise FileFormatError(f"{path}: file not found") from None
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError, TypeError) as error:
-        first_line = (str(error).splitlines() or [type(error).__name__])[0]
-        raise FileFormatError(f"{path}: not a readable PyTorch file ({first_line})") from None
+        raise FileFormatError(f"{path}: not a readable PyTorch file ({first_line(error)})") from None
 
 
 def save_a1111_pt(obj: Any, path: str | os.PathLike) -> None:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinv_lib.common.errors import TinvError
+from tinv_lib.common.errors import TinvError, first_line
 from tinv_lib.common.training_folders import is_training_checkpoint
 from tinv_lib.embeddings.formats import EMBEDDING_SUFFIXES, Embedding, NotAnEmbeddingError, load_embedding
 
@@ -166,8 +166,7 @@ class EmbeddingDatabase(Mapping[str, Embedding]):
         except TinvError as error:
             return _ScannedFile(signature, error=str(error))
         except Exception as error:  # noqa: BLE001 - a broken file must never stop the others
-            first_line = (str(error).splitlines() or [""])[0]
-            return _ScannedFile(signature, error=f"{path}: cannot load ({type(error).__name__}: {first_line})")
+            return _ScannedFile(signature, error=f"{path}: cannot load ({first_line(error, with_type=True)})")
 
     def refresh(self, force: bool = False) -> bool:
         """Re-scan the folders; read new and changed files, forget removed ones.

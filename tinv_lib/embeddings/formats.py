@@ -27,15 +27,15 @@ from typing import Any
 
 import torch
 
-from tinv_lib.common.errors import FileFormatError, TinvError
+from tinv_lib.common.errors import FileFormatError, TinvError, first_line
 from tinv_lib.common.torch_files import safe_torch_load, save_a1111_pt
 from tinv_lib.common.training_folders import CHECKPOINT_MARKER
 from tinv_lib.models.architecture import ARCHITECTURES, CLIP_G, CLIP_L, T5
 from tinv_lib.models.hashes import sha256_file
 
-IMAGE_SUFFIXES = (".png", ".webp", ".jxl", ".avif")
+EMBEDDED_IN_IMAGE_SUFFIXES = (".png", ".webp", ".jxl", ".avif")  # A1111 reads embeddings hidden in these (lossless)
 PICKLE_SUFFIXES = (".pt", ".bin")
-EMBEDDING_SUFFIXES = PICKLE_SUFFIXES + (".safetensors",) + IMAGE_SUFFIXES
+EMBEDDING_SUFFIXES = PICKLE_SUFFIXES + (".safetensors",) + EMBEDDED_IN_IMAGE_SUFFIXES
 METADATA_KEYS = ("step", "sd_checkpoint", "sd_checkpoint_name")
 
 Vectors = torch.Tensor | dict[str, torch.Tensor]
@@ -268,8 +268,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # safetensors raises its own error types for damaged headers
-        first_line = (str(error).splitlines() or [type(error).__name__])[0]
-        raise FileFormatError(f"{path}: not a readable safetensors file ({first_line})") from None
+        raise FileFormatError(f"{path}: not a readable safetensors file ({first_line(error)})") from None
     return tensors, metadata
 
 
@@ -292,7 +291,7 @@ def load_embedding(path: str | os.PathLike) -> Embedding:
     suffix = path.suffix.lower()
     if not path.is_file():
         raise FileFormatError(f"{path}: file not found")
-    if suffix in IMAGE_SUFFIXES:
+    if suffix in EMBEDDED_IN_IMAGE_SUFFIXES:
         from tinv_lib.embeddings.image_embed import load_image_embedding
 
         embedding = load_image_embedding(path)

@@ -179,29 +179,16 @@ def default_model() -> Path:
     return DEFAULT_MODEL
 
 
-def _quiet_libraries() -> None:
-    """Library chatter (loading progress bars, optional-backend warnings such as bitsandbytes'
-    missing CPU kernels) would bury our one-line reports."""
-    import logging
-
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    for library in (diffusers_logging, transformers_logging):
-        library.set_verbosity_error()
-        library.disable_progress_bar()
-
-
 def open_session(args: argparse.Namespace, say: Say = print) -> Session:
     """Load the model, the embeddings folder and the hypernetwork folder; report what loaded."""
+    from tinv_lib.common.quiet import silence_known_noise
     from tinv_lib.embeddings.database import EmbeddingDatabase
     from tinv_lib.generation.extra_networks import HypernetworkHandler
     from tinv_lib.generation.image_saving import OutputFolders
     from tinv_lib.models.loading import load_base_model
     from tinv_lib.prompts.encoding import PromptEncoder
 
-    _quiet_libraries()
+    silence_known_noise()
     pipe, info = load_base_model(args.model or default_model(), args.model_config)
     pipe.set_progress_bar_config(disable=True)
     encoder = PromptEncoder.from_pipeline(pipe)

@@ -1,4 +1,5 @@
-"""The `<hypernet:name:multiplier>` handler that `generate()` calls for generate.py.
+"""The `<hypernet:name:multiplier>` handler: the one place a prompt's hypernetwork tags are applied
+(`generate()` hands it every `<hypernet:...>` tag: generate.py and the benchmarks use it).
 
 A1111 looks hypernetwork names up in its folder when a prompt uses them, so a file added while
 the UI runs is usable at once; we do the same (the folder is listed at each use, and a file is

@@ -21,6 +21,7 @@ import torch
 
 from tinv_lib.embeddings.database import EmbeddingDatabase
 from tinv_lib.prompts.encoding import PromptEncoder
+from tinv_lib.prompts.syntax import parse_extra_networks
 
 ExtraNetworkHandler = Callable[[Any, list[list[str]]], contextlib.AbstractContextManager[Any]]
 """`handler(pipe, [args of each tag of this kind])` → a context manager active during sampling."""
@@ -52,17 +53,6 @@ def ti_hashes(embeddings: list[Any]) -> str:
             name = embedding.name.replace(":", "").replace(",", "")
             entries.append(f"{name}: {embedding.shorthash}")
     return ", ".join(entries)
-
-
-def parse_extra_networks(prompt: str) -> tuple[str, dict[str, list[list[str]]]]:
-    """Remove `<kind:arg:arg>` tags from the prompt; group their argument lists by kind."""
-    from tinv_lib.hypernetworks.prompt import parse_extra_networks as parse_tags
-
-    clean, tags = parse_tags(prompt)
-    grouped: dict[str, list[list[str]]] = {}
-    for kind, args in tags:
-        grouped.setdefault(kind, []).append(args)
-    return clean, grouped
 
 
 @contextlib.contextmanager

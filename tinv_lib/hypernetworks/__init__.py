@@ -1,11 +1,12 @@
 """A1111-compatible hypernetworks: the modules, their `.pt` / `.optim` files, applying them to
-a diffusers UNet, and `<hypernet:name:multiplier>` prompt tags.
+a diffusers UNet, and the folder listing that `<hypernet:name:multiplier>` prompt tags look names up in.
 
 * `module`: `HypernetworkModule`, `Hypernetwork`, `make_options`, `create_hypernetwork`.
 * `files`: `save_hypernetwork`, `load_hypernetwork`, `save_optimizer_sidecar`,
   `load_optimizer_sidecar`.
 * `apply`: `context_widths` (default sizes), `apply_hypernetworks` / `install_hypernetworks`.
-* `prompt`: `parse_hypernet_tags`, `list_hypernetworks`, `extract_hypernetworks`.
+* `prompt`: `list_hypernetworks` (the tags are parsed by `tinv_lib.prompts.syntax` and applied by
+  `tinv_lib.generation.extra_networks`).
 """
 
 from tinv_lib.hypernetworks.apply import (
@@ -35,12 +36,7 @@ from tinv_lib.hypernetworks.module import (
     make_options,
     parse_sizes,
 )
-from tinv_lib.hypernetworks.prompt import (
-    extract_hypernetworks,
-    list_hypernetworks,
-    parse_extra_networks,
-    parse_hypernet_tags,
-)
+from tinv_lib.hypernetworks.prompt import list_hypernetworks
 
 __all__ = [
     "ACTIVATIONS",
@@ -54,7 +50,6 @@ __all__ = [
     "apply_hypernetworks",
     "context_widths",
     "create_hypernetwork",
-    "extract_hypernetworks",
     "hypernetwork_from_dict",
     "hypernetwork_to_dict",
     "install_hypernetworks",
@@ -63,8 +58,6 @@ __all__ = [
     "load_optimizer_sidecar",
     "make_options",
     "optimizer_sidecar_path",
-    "parse_extra_networks",
-    "parse_hypernet_tags",
     "parse_sizes",
     "save_hypernetwork",
     "save_optimizer_sidecar",

@@ -23,7 +23,7 @@ from typing import Any
 
 from PIL import Image
 
-from tinv_lib.common.errors import TinvError
+from tinv_lib.common.errors import TinvError, first_line
 
 EXISTING_CAPTION_ACTIONS = ("ignore", "copy", "prepend", "append")
 WINDOWS_INVALID = '\\/:*?"<>|'
@@ -125,10 +125,6 @@ def check_caption_model(path: str | os.PathLike) -> Path:
     return folder
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
 class Captioner:
     """A loaded image-to-text model that turns PIL images into caption strings."""
 
@@ -152,7 +148,7 @@ class Captioner:
             model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise TinvError(
-                f"--caption_model {folder}: cannot load it as an image-to-text model ({_first_line(error)})"
+                f"--caption_model {folder}: cannot load it as an image-to-text model ({first_line(error)})"
             ) from None
         finally:
             hf_logging.set_verbosity(verbosity)

@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from tinv_lib.common.cli_help import HelpFormatter
+from tinv_lib.common.cli_help import HelpFormatter, mark_required
+from tinv_lib.common.config_file import add_config_argument, parse_with_config
 from tinv_lib.common.errors import TinvError
+from tinv_lib.preprocessing.as_dataset import OUTPUT_FORMATS, write_dataset
 from tinv_lib.preprocessing.captioning import EXISTING_CAPTION_ACTIONS, CaptionSettings
 from tinv_lib.preprocessing.focal_crop import FocalWeights
-from tinv_lib.preprocessing.folder import CAPTION_OUTPUTS, PreprocessOptions, preprocess_folder
+from tinv_lib.preprocessing.folder import (
+    CAPTION_OUTPUTS,
+    PreprocessOptions,
+    preprocess_folder,
+    validate_options,
+)
 from tinv_lib.preprocessing.image_ops import AutosizeSettings
 
+REQUIRED = ["source_dir", "dest_dir"]
 DESCRIPTION = 'Prepare a folder of images for embedding / hypernetwork training: A1111\'s "Preprocess images".'
 
 
@@ -24,8 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The `preprocess.py` command line, grouped as A1111's Preprocess tab."""
     parser = argparse.ArgumentParser(prog="preprocess.py", description=DESCRIPTION, formatter_class=HelpFormatter)
     io = parser.add_argument_group("folders and size")
-    io.add_argument("--source_dir", required=True, help="Folder of source images (not recursive).")
-    io.add_argument("--dest_dir", required=True, help="Output folder (created; must differ from the source).")
+    io.add_argument("--source_dir", help="Folder of source images (not recursive).")
+    io.add_argument("--dest_dir", help="Output folder (created; must differ from the source).")
+    io.add_argument("--output_format", choices=OUTPUT_FORMATS, default="folder",
+                    help="folder: images and .txt captions; dataset: also <dest_dir>/dataset (save_to_disk: image and "
+                         "text columns) for the trainers' --dataset_name")
     io.add_argument("--width", type=int, default=512, help="Output width in pixels.")
     io.add_argument("--height", type=int, default=512, help="Output height in pixels.")
     io.add_argument("--keep_original_size", action="store_true", help="Also save each image at its own size.")
@@ -64,11 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--num_proc", type=int, default=1, help="Worker processes (datasets.map num_proc).")
     run.add_argument("--batch_size", type=int, default=8, help="Source images per map batch (captioned together).")
+    add_config_argument(parser)
+    mark_required(parser, REQUIRED)
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    """The command line (and `--config`), checked before any file is read or model loaded."""
+    return parse_with_config(build_parser(), argv, REQUIRED, lambda args: validate_options(options_from_args(args)))
 
 
 def options_from_args(args: argparse.Namespace) -> PreprocessOptions:
@@ -114,8 +129,8 @@ def options_from_args(args: argparse.Namespace) -> PreprocessOptions:
 
 def main(argv: list[str] | None = None) -> int:
     """Run preprocessing; user errors print one line and exit 2."""
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         summary = preprocess_folder(options_from_args(args))
     except TinvError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -126,5 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     for line in summary.skip_lines():
         print(line)
     print(summary.line())
+    if args.output_format == "dataset":
+        return _write_dataset(Path(args.dest_dir))
+    return 0
+
+
+def _write_dataset(dest_dir: Path) -> int:
+    """`--output_format dataset`, after the folder is complete."""
+    try:
+        target = write_dataset(dest_dir)
+    except TinvError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"dataset: {target} (train with --dataset_name {target})")
     return 0
 

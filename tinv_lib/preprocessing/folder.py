@@ -27,10 +27,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from tinv_lib.common.atomic import atomic_path, atomic_write_text
-from tinv_lib.common.errors import TinvError
+from tinv_lib.common.errors import TinvError, first_line
+from tinv_lib.common.images import UNREADABLE, UnreadableImage, read_image
 from tinv_lib.preprocessing import state
 from tinv_lib.preprocessing.captioning import (
     EXISTING_CAPTION_ACTIONS,
@@ -54,9 +55,7 @@ from tinv_lib.preprocessing.image_ops import (
 CAPTION_OUTPUTS = ("txt", "filename")
 CAPTION_SUFFIX = ".txt"
 # reasons for skipping a source, as the summary counts them
-ALREADY_DONE = "already done"
-NOT_AN_IMAGE = "not an image"
-UNREADABLE = "unreadable"
+ALREADY_DONE = "already done"  # and the image reader's NOT_AN_IMAGE and UNREADABLE
 NO_AUTOSIZE = "no auto-size fits"
 
 
@@ -182,31 +181,15 @@ def is_candidate(name: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
 def load_source_image(path: Path) -> Image.Image:
-    """Decode `path` fully, apply its EXIF orientation and return it as 8-bit RGB.
-
-    Raises `SkipSource` for files PIL does not recognise, damaged or truncated files and colour
-    modes that cannot be converted. The broad `except` is deliberate: PIL's decoders raise many
-    exception types on damaged input, and one bad file must never stop a run.
-    """
+    """`path` read by the one image reader (`tinv_lib.common.images`), as 8-bit RGB; `SkipSource`
+    with the reader's reason when it cannot be read or converted."""
     try:
-        with Image.open(path) as opened:
-            opened.load()
-            try:
-                oriented = ImageOps.exif_transpose(opened)
-            except Exception:  # a damaged EXIF block: keep the pixels as stored
-                oriented = opened
-            return to_rgb(oriented)
-    except UnidentifiedImageError:
-        raise SkipSource(NOT_AN_IMAGE) from None
-    except Image.DecompressionBombError as error:
-        raise SkipSource(UNREADABLE, _first_line(error)) from None
-    except Exception as error:
-        raise SkipSource(UNREADABLE, _first_line(error)) from None
+        return to_rgb(read_image(path))
+    except UnreadableImage as error:
+        raise SkipSource(error.reason, error.detail) from None
+    except Exception as error:  # noqa: BLE001 - a colour mode that cannot be converted skips this file only
+        raise SkipSource(UNREADABLE, first_line(error)) from None
 
 
 def make_outputs(
@@ -330,7 +313,7 @@ def _save_png(image: Image.Image, path: Path) -> None:
         with atomic_path(path) as tmp:
             image.save(tmp, format="PNG")
     except OSError as error:
-        raise TinvError(f"cannot write {path}: {error.strerror or _first_line(error)}") from None
+        raise TinvError(f"cannot write {path}: {error.strerror or first_line(error)}") from None
 
 
 def _write_outputs(plan: _Plan, captions: list[str], options: PreprocessOptions, settings: str) -> list[str]:

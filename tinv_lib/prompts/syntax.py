@@ -1,5 +1,5 @@
 """A1111 prompt semantics, as text and token ids (docs/formats.md, "Prompt syntax"): emphasis, BREAK, 75-token
-chunks with comma backtrack, and embedding names matched on tokens.
+chunks with comma backtrack, embedding names matched on tokens, and `<kind:args>` extra-network tags.
 
 Nothing here touches a model: `parse_prompt_attention` works on text, `chunk_prompt` on the
 token ids a tokenizer returns. `prompt_encoding.py` turns the chunks into tensors. Keeping the
@@ -228,3 +228,21 @@ def chunk_prompt(
     if chunk.tokens or not chunks:
         close_chunk()
     return chunks
+
+
+# ------------------------------------------------------------------------------- extra networks
+
+EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")  # A1111's `<kind:arg:arg>` (docs/formats.md)
+
+
+def parse_extra_networks(prompt: str) -> tuple[str, dict[str, list[list[str]]]]:
+    """Remove every `<kind:arg:arg>` tag from the prompt; return the clean prompt and each kind's
+    argument lists in prompt order (A1111 splits the arguments on `:` and leaves the text around a
+    tag as it is, spaces included)."""
+    found: dict[str, list[list[str]]] = {}
+
+    def take(match: re.Match) -> str:
+        found.setdefault(match.group(1), []).append(match.group(2).split(":"))
+        return ""
+
+    return EXTRA_NETWORK_TAG.sub(take, prompt), found

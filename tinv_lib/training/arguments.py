@@ -1,22 +1,23 @@
-"""Command-line arguments shared by both trainers, and `--config FILE` (TOML or YAML).
+"""Command-line arguments shared by both trainers, and how a trainer's command line is parsed.
 
-Flag names follow the diffusers examples where one exists. A config file may set any flag (its
-keys are the flag names without dashes); flags given on the command line override it.
+Flag names follow the diffusers examples where one exists. A config file (`--config`,
+`tinv_lib.common.config_file`) may set any flag; flags given on the command line override it.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
+from collections.abc import Callable
 
 from tinv_lib.common.cli_help import HelpFormatter, mark_required
+from tinv_lib.common.config_file import add_config_argument, parse_with_config
 from tinv_lib.training.data import BUILTIN_TEMPLATES
+from tinv_lib.training.lr_schedule import ScheduleError, ScheduleString, build_schedule
 from tinv_lib.training.optimizers import OPTIMIZERS
 from tinv_lib.training.preflight import ArgumentError, check_training_arguments
 
 __all__ = ["ArgumentError", "HelpFormatter", "add_model_arguments", "add_training_arguments", "mark_required",
-           "parse_with_config"]
+           "parse_training_args"]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +33,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_lr: str, def
     _add_loss_arguments(parser)
     _add_optimizer_arguments(parser, default_lr, default_weight_decay)
     _add_output_arguments(parser)
-    parser.add_argument("--config", help="TOML or YAML file of flag values (command-line flags win)")
+    add_config_argument(parser)
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser, default_template: str) -> None:
@@ -134,44 +135,38 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
                      help="resume a checkpoint trained with another global batch (the data order changes from there)")
 
 
-def _read_config(path: Path) -> dict:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise ArgumentError(f"--config {path}: {error.strerror}") from None
-    try:
-        if path.suffix.lower() == ".toml":
-            import tomllib
+def parse_training_args(parser: argparse.ArgumentParser, argv: list[str] | None, required: list[str],
+                        check_task: Callable[[argparse.Namespace], None] | None = None) -> argparse.Namespace:
+    """Parse a trainer's command line (and `--config`), normalise it, then run every check that
+    needs no model: the shared ones (`tinv_lib.training.preflight`), then the trainer's own."""
 
-            data = tomllib.loads(text)
-        else:
-            import yaml
+    def finish(args: argparse.Namespace) -> None:
+        normalise_training_arguments(args)
+        check_training_arguments(args)
+        parse_schedules(args)
+        if check_task is not None:
+            check_task(args)
 
-            data = yaml.safe_load(text) or {}
-    except Exception as error:  # noqa: BLE001 - TOML and YAML parsers raise their own types
-        raise ArgumentError(f"--config {path}: cannot parse ({str(error).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ArgumentError(f"--config {path}: expected a table of flag values")
-    return data
+    return parse_with_config(parser, argv, required, finish)
 
 
-def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None, required: list[str]) -> argparse.Namespace:
-    """Parse `argv`, with defaults from `--config` when given; check `required` afterwards (so
-    they may come from the config file), then every flag that can be checked without the model
-    (`tinv_lib.training.preflight`)."""
-    argv = sys.argv[1:] if argv is None else argv
-    first, _ = parser.parse_known_args(argv)
-    if first.config:
-        values = _read_config(Path(first.config))
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(key for key in values if key.replace("-", "_") not in known)
-        if unknown:
-            raise ArgumentError(f"--config {first.config}: unknown setting(s) {', '.join(unknown)}")
-        parser.set_defaults(**{key.replace("-", "_"): value for key, value in values.items()})
-    args = parser.parse_args(argv)
-    missing = [f"--{name}" for name in required if getattr(args, name) in (None, "")]
-    if missing:
-        raise ArgumentError(f"missing required setting(s): {', '.join(missing)}")
-    args.learning_rate = str(args.learning_rate)
-    check_training_arguments(args)
-    return args
+def normalise_training_arguments(args: argparse.Namespace) -> None:
+    """One value per meaning, so checks and training read a single flag: `--use_8bit_adam` is
+    `--optimizer adamw8bit`."""
+    if args.use_8bit_adam:
+        if args.optimizer not in ("adamw", "adamw8bit"):
+            raise ArgumentError(f"--use_8bit_adam means --optimizer adamw8bit; it cannot go with --optimizer {args.optimizer}")
+        args.optimizer = "adamw8bit"
+
+
+def parse_schedules(args: argparse.Namespace) -> None:
+    """`--learning_rate`, `--max_grad_norm` and `--clip_grad_value` become schedules, parsed here
+    once (`str()` of each gives the text back); the loop asks them for its start step."""
+    args.learning_rate = build_schedule(args.learning_rate, args.max_train_steps, 0, args.lr_scheduler,
+                                        args.lr_warmup_steps)
+    for name in ("max_grad_norm", "clip_grad_value"):
+        value = getattr(args, name)
+        try:
+            setattr(args, name, ScheduleString(value, args.max_train_steps) if value else None)
+        except ScheduleError as error:
+            raise ArgumentError(f"--{name} {value!r}: {error}") from None

@@ -15,18 +15,14 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from tinv_lib.common.errors import first_line
+
 EXIT_CRASH = 1
-
-
-def first_line(error: BaseException) -> str:
-    """`Type: first line of the message`, the part of an exception a person reads."""
-    text = (str(error).strip().splitlines() or [""])[0]
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def preview_notice(error: Exception, step: int) -> str:
     """The one notice for a preview that raised; the caller stops previewing."""
-    return (f"notice: the preview at step {step} failed ({first_line(error)}); previews are off for the rest of "
+    return (f"notice: the preview at step {step} failed ({first_line(error, with_type=True)}); previews are off for the rest of "
             "this run, training goes on")
 
 
@@ -55,9 +51,9 @@ def save_after_crash(error: Exception, output_dir: Path, step: int, rank: int,
         "\nsaving the training state then failed too:\n\n" + "".join(traceback.format_exception(save_error)))
     log = write_crash_log(output_dir, error, step, rank, extra)
     if save_error is not None:
-        kept = f"saving it failed too ({first_line(save_error)})"
+        kept = f"saving it failed too ({first_line(save_error, with_type=True)})"
     elif saved:
         kept = f"saved {', '.join(str(path) for path in saved)}"
     else:
         kept = "nothing saved on this process"
-    return f"training failed after step {step} ({first_line(error)}); {kept}; traceback in {log}"
+    return f"training failed after step {step} ({first_line(error, with_type=True)}); {kept}; traceback in {log}"

@@ -28,8 +28,8 @@ import torch
 from PIL import Image, ImageOps
 
 from tinv_lib.common.errors import TinvError
+from tinv_lib.common.images import IMAGE_SUFFIXES, UnreadableImage, read_image
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 BUILTIN_TEMPLATES = sorted(p.stem for p in TEMPLATES_DIR.glob("*.txt"))
 FILENAME_PREFIX = re.compile(r"^[-\d]+\s*")
@@ -157,11 +157,9 @@ def read_mask(path: Path, image_size: tuple[int, int]) -> tuple[Image.Image | No
     size is resized to the image (both said in the notice) rather than failing the run.
     """
     try:
-        with Image.open(path) as opened:
-            opened.load()
-            mask = ImageOps.exif_transpose(opened).convert("L")
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        return None, f"{path.name}: unreadable mask ({type(error).__name__}); its image trains unmasked"
+        mask = read_image(path).convert("L")
+    except UnreadableImage as error:
+        return None, f"{path.name}: unreadable mask ({error}); its image trains unmasked"
     if mask.size == image_size:
         return mask, None
     note = (f"{path.name}: mask is {mask.width}x{mask.height}, its image {image_size[0]}x{image_size[1]}; "
@@ -288,11 +286,9 @@ def load_images(
         if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith(".") or is_mask_file(path):
             continue
         try:
-            with Image.open(path) as opened:
-                opened.load()
-                image = ImageOps.exif_transpose(opened)
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
-            skipped.append(f"{path.name}: unreadable image ({type(error).__name__})")
+            image = read_image(path)
+        except UnreadableImage as error:
+            skipped.append(f"{path.name}: {error}")
             continue
         size = bucket_size(image.width, image.height, resolution, multiple, aspect_mode)
         latent_size = (size[0] // latent_factor, size[1] // latent_factor)

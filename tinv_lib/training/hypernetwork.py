@@ -35,7 +35,7 @@ from tinv_lib.training.arguments import (
     add_model_arguments,
     add_training_arguments,
     mark_required,
-    parse_with_config,
+    parse_training_args,
 )
 from tinv_lib.training.optimizers import sidecar_name
 from tinv_lib.training.preflight import require_file
@@ -68,14 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = parse_with_config(build_parser(), argv, REQUIRED)
+    args = parse_training_args(build_parser(), argv, REQUIRED, _check_hypernetwork_flags)
+    args.hypernetwork_name = sanitize_name(args.hypernetwork_name, "hypernetwork")
+    return args
+
+
+def _check_hypernetwork_flags(args: argparse.Namespace) -> None:
     require_file("resume_from_hypernetwork", args.resume_from_hypernetwork)
     if not args.resume_from_hypernetwork:
         _create_options(args)  # bad structures and dropout values fail here, before the model loads
         if args.sizes:
             parse_sizes(args.sizes)
-    args.hypernetwork_name = sanitize_name(args.hypernetwork_name, "hypernetwork")
-    return args
 
 
 def _create_options(args: argparse.Namespace):

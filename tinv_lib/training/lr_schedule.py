@@ -6,10 +6,14 @@ one-advance-per-step runtime, early finish,
 the error message). A plain float may instead follow one of diffusers' standard schedulers
 (`--lr_scheduler cosine --lr_warmup_steps 100`). Either way the rate at step `s` depends only on
 `s` and the run's start step, so resuming from a checkpoint needs no scheduler state.
+
+The text is parsed once, while the command line is parsed (`training.arguments`); the loop asks
+that schedule for the run's start step (`resumed_at`).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 from tinv_lib.common.errors import TinvError
@@ -75,12 +79,41 @@ class ScheduleString:
     """A1111's `LearnRateScheduler` runtime, precomputed as segments.
 
     Before each update at step `s`, A1111 advances to the next pair once if `s >= end_step`,
-    and finishes when no pair is left; the run may finish before `max_steps`.
+    and finishes when no pair is left; the run may finish before `max_steps`. `str()` gives the
+    text back as the user typed it (settings files, trackers).
     """
 
     def __init__(self, text: str, max_steps: int, start_step: int = 0):
-        self.pairs = parse_schedule(text, max_steps, start_step)
-        self.segments: list[Segment] = []
+        self.text, self.max_steps = str(text), max_steps
+        self.pairs = parse_schedule(self.text, max_steps, start_step)
+        self._lay_out(start_step)
+
+    def __str__(self) -> str:
+        return self.text
+
+    def resumed_at(self, start_step: int) -> ScheduleString:
+        """This schedule for a run resuming at `start_step`, without parsing the text again.
+
+        A1111 parses the text anew at the resume step and drops the pairs whose step has passed;
+        for a schedule parsed at step 0 that is the same as keeping the pairs that end after
+        `start_step`. A run already at its last step keeps the last pair (it trains no more)."""
+        if start_step == self.start_step:
+            return self
+        if self.start_step != 0:
+            raise ValueError("only a schedule parsed at step 0 can be resumed elsewhere")
+        resumed = copy.copy(self)
+        resumed.pairs = [pair for pair in self.pairs if pair[1] > start_step]
+        if start_step >= self.max_steps:
+            resumed.pairs = self.pairs[-1:]
+        if not resumed.pairs:
+            raise ScheduleError(f"{INVALID_SCHEDULE} (no rate applies after step {start_step})")
+        resumed._lay_out(start_step)
+        return resumed
+
+    def _lay_out(self, start_step: int) -> None:
+        """The pairs as segments of steps, following A1111's one-advance-per-step runtime."""
+        self.start_step = start_step
+        self.segments = []
         rate, end = self.pairs[0]
         remaining = iter(self.pairs[1:])
         step = start_step
@@ -127,6 +160,14 @@ class StandardSchedule:
         self.base_rate = base_rate
         self._factor = scheduler.lr_lambdas[0]
         self.end_step = max_steps
+        self.text = str(base_rate)
+
+    def __str__(self) -> str:
+        return self.text
+
+    def resumed_at(self, start_step: int) -> StandardSchedule:
+        """The rate is a pure function of the step: the same schedule."""
+        return self
 
     def rate_at(self, step: int) -> float | None:
         return self.base_rate * self._factor(step) if step < self.end_step else None
@@ -152,4 +193,6 @@ def build_schedule(
         base = float(text)
     except ValueError:
         raise ScheduleError(f"{INVALID_SCHEDULE} (could not convert {text!r} to a number)") from None
-    return StandardSchedule(base, scheduler, warmup_steps, max_steps)
+    schedule = StandardSchedule(base, scheduler, warmup_steps, max_steps)
+    schedule.text = text
+    return schedule

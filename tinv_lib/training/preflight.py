@@ -13,18 +13,16 @@ import math
 import os
 from pathlib import Path
 
-from tinv_lib.common.errors import TinvError
+from tinv_lib.common.errors import ArgumentError
 from tinv_lib.models.architecture import vae_factor_of_folders
+
+__all__ = ["ArgumentError", "check_training_arguments", "require_file", "require_folder"]
 
 PIPELINE_MULTIPLE = 8  # diffusers' SD and SDXL pipelines refuse image sides that are not multiples of 8
 POSITIVE = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "resolution",
             "num_validation_images", "validation_num_inference_steps", "validation_loss_steps")
 ZERO_OR_POSITIVE = ("save_steps", "validation_steps", "checkpointing_steps", "log_csv_steps", "lr_warmup_steps",
                     "min_timestep")
-
-
-class ArgumentError(TinvError):
-    """A flag or config file value is invalid."""
 
 
 def check_training_arguments(args: argparse.Namespace) -> None:
@@ -35,7 +33,6 @@ def check_training_arguments(args: argparse.Namespace) -> None:
     _check_optimizer(args)
     _check_paths(args)
     _check_resolution(args)
-    _check_schedules(args)
     _check_trackers(args)
 
 
@@ -90,14 +87,10 @@ def _check_loss_options(args: argparse.Namespace) -> None:
 
 
 def _check_optimizer(args: argparse.Namespace) -> None:
-    """`--use_8bit_adam` is `--optimizer adamw8bit`; the optimizer's package and arguments exist;
-    the moving average has a decay to average with."""
+    """The optimizer's package and arguments exist (`--use_8bit_adam` has become `--optimizer
+    adamw8bit` while parsing); the moving average has a decay to average with."""
     from tinv_lib.training.optimizers import OptimizerError, check_optimizer
 
-    if args.use_8bit_adam:
-        if args.optimizer not in ("adamw", "adamw8bit"):
-            raise ArgumentError(f"--use_8bit_adam means --optimizer adamw8bit; it cannot go with --optimizer {args.optimizer}")
-        args.optimizer = "adamw8bit"
     try:
         check_optimizer(args)
     except OptimizerError as error:
@@ -185,20 +178,6 @@ def _check_resolution(args: argparse.Namespace) -> None:
         nearest = max(multiple, round(args.resolution / multiple) * multiple)
         raise ArgumentError(f"--resolution {args.resolution} must be a multiple of {multiple} (the model's VAE and "
                             f"the preview pipeline need it): try {nearest}")
-
-
-def _check_schedules(args: argparse.Namespace) -> None:
-    """The learning-rate and clipping schedules parse."""
-    from tinv_lib.training.lr_schedule import ScheduleError, ScheduleString, build_schedule
-
-    build_schedule(args.learning_rate, args.max_train_steps, 0, args.lr_scheduler, args.lr_warmup_steps)
-    for name in ("max_grad_norm", "clip_grad_value"):
-        value = getattr(args, name)
-        try:
-            if value:
-                ScheduleString(value, args.max_train_steps, 0)
-        except ScheduleError as error:
-            raise ArgumentError(f"--{name} {value!r}: {error}") from None
 
 
 def _check_trackers(args: argparse.Namespace) -> None:

@@ -27,7 +27,7 @@ from tinv_lib.training.arguments import (
     add_model_arguments,
     add_training_arguments,
     mark_required,
-    parse_with_config,
+    parse_training_args,
 )
 from tinv_lib.training.optimizers import sidecar_name
 from tinv_lib.training.preflight import require_file
@@ -49,25 +49,39 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--initializer_token", default="*", help='init text, any number of tokens ("" = zero vectors)')
     group.add_argument("--num_vectors", type=int, default=1, help="vectors per token (1-75)")
     group.add_argument("--resume_from_embedding", help="continue training this embedding file (its step count continues)")
-    group.add_argument("--train_encoders", choices=TRAIN_ENCODERS, default="all",
-                       help="on a model with several text encoders, train only the named encoder's vectors; the "
-                            "others keep their init (or resumed) values and are saved as they are")
+    group.add_argument("--train_encoders", type=_encoder_names, default="all",
+                       help=f"on a model with several text encoders, train only the named encoders' vectors (a comma "
+                            f"list of {', '.join(TRAIN_ENCODERS[1:])}); the others keep their init (or resumed) "
+                            "values and are saved as they are")
     add_training_arguments(parser, default_lr="0.005", default_template="subject_filewords", default_weight_decay=0.0)
     mark_required(parser, REQUIRED)
     return parser
 
 
+def _encoder_names(text: str) -> str:
+    """`--train_encoders`: "all", or a comma list of encoder names (written back as "a,b")."""
+    names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    if names == ["all"]:
+        return "all"
+    if not names or any(name not in TRAIN_ENCODERS[1:] for name in names):
+        raise argparse.ArgumentTypeError(f"{text!r}: give all, or a comma list of {', '.join(TRAIN_ENCODERS[1:])}")
+    return ",".join(names)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = parse_with_config(build_parser(), argv, REQUIRED)
-    if not 1 <= args.num_vectors <= MAX_VECTORS:
-        raise ArgumentError(f"--num_vectors must be 1-{MAX_VECTORS} (one prompt holds 75 tokens), not {args.num_vectors}")
-    require_file("resume_from_embedding", args.resume_from_embedding)
-    _check_resume_vectors(args)
+    args = parse_training_args(build_parser(), argv, REQUIRED, _check_embedding_flags)
     args.placeholder_token = sanitize_name(args.placeholder_token, "embedding")
     if " " in args.placeholder_token:
         print(f"notice: the embedding name {args.placeholder_token!r} has a space: prompts must hold it as written, "
               f"space included (\"a photo of {args.placeholder_token}\"), as in A1111", file=sys.stderr)
     return args
+
+
+def _check_embedding_flags(args: argparse.Namespace) -> None:
+    if not 1 <= args.num_vectors <= MAX_VECTORS:
+        raise ArgumentError(f"--num_vectors must be 1-{MAX_VECTORS} (one prompt holds 75 tokens), not {args.num_vectors}")
+    require_file("resume_from_embedding", args.resume_from_embedding)
+    _check_resume_vectors(args)
 
 
 def _check_resume_vectors(args: argparse.Namespace) -> None:
