@@ -83,6 +83,7 @@ class Architecture:
     pipeline_class_name: str  # the diffusers pipeline class
     has_safety_checker: bool  # the pipeline class expects a safety checker (never loaded here)
     flow_model: str = ""  # "flux" | "sd3": a transformer trained by flow matching (`models/flow.py`)
+    t5_max_length: int = 0  # T5 ids per prompt: the pipeline's default `max_sequence_length`
 
     @property
     def flow_matching(self) -> bool:
@@ -202,6 +203,7 @@ FLUX = Architecture(
     pipeline_class_name="FluxPipeline",
     has_safety_checker=False,
     flow_model="flux",
+    t5_max_length=512,
 )
 SD3 = Architecture(
     name="sd3",
@@ -220,6 +222,7 @@ SD3 = Architecture(
     pipeline_class_name="StableDiffusion3Pipeline",
     has_safety_checker=False,
     flow_model="sd3",
+    t5_max_length=256,
 )
 ARCHITECTURES = {arch.name: arch for arch in (SD1, SD2, SDXL, FLUX, SD3)}
 _BY_PIPELINE_CLASS = {arch.pipeline_class_name: arch for arch in (FLUX, SD3)}  # SD1/SD2 share one class

@@ -50,7 +50,8 @@ class ModelFamily:
 
     @property
     def unet(self):
-        return self.pipe.unet
+        """The denoiser: the UNet, or FLUX.1's / SD3's transformer."""
+        return self.pipe.transformer if self.architecture.flow_matching else self.pipe.unet
 
     @property
     def vae(self):
@@ -63,7 +64,10 @@ class ModelFamily:
 
     @property
     def size_multiple(self) -> int:
-        """Image sides must be multiples of this so every UNet downsampling divides evenly."""
+        """Image sides must be multiples of this so every UNet downsampling divides evenly (the
+        flow transformers: so latents split into their 2x2 patches)."""
+        if self.architecture.flow_matching:
+            return self.latent_factor * 2
         return self.latent_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     @property
@@ -71,10 +75,28 @@ class ModelFamily:
         return self.vae.config.scaling_factor
 
     def noise_scheduler(self):
-        """A DDPM scheduler with the model's betas and prediction type, for training."""
+        """A DDPM scheduler with the model's betas and prediction type, for training; for the
+        flow-matching families a copy of their own scheduler (its shift settings)."""
         from diffusers import DDPMScheduler
 
+        if self.architecture.flow_matching:
+            return type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
         return DDPMScheduler.from_config(self.pipe.scheduler.config)
+
+    def prediction_and_target(self, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                              conditioning: tuple, sizes: list[tuple[int, int]], dtype: torch.dtype):
+        """The denoiser's prediction for the noised latents and what it should have predicted:
+        eps or v for the UNets (DDPM noising), the velocity for FLUX.1 and SD3 (`models.flow`)."""
+        if self.architecture.flow_matching:
+            from tinv_lib.models.flow import prediction_and_target
+
+            return prediction_and_target(self.pipe, self.architecture.flow_model, latents, noise, timesteps,
+                                         conditioning, dtype)
+        hidden, pooled = conditioning
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        extra = self.unet_extra(pooled, sizes, latents.device, dtype)
+        prediction = self.unet(noisy.to(dtype), timesteps, hidden.to(dtype), **extra).sample
+        return prediction, self.training_target(scheduler, latents, noise, timesteps)
 
     def training_target(self, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
         """eps models learn the noise, v models the velocity (from the scheduler config)."""

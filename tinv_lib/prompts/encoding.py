@@ -11,7 +11,10 @@ never needs embeddings added to its tokenizer.
 Per architecture it does what the diffusers pipelines do with their own encoders, so a prompt
 without embeddings or emphasis encodes bit-for-bit as the pipeline would encode it:
 SD1/SD2 take the final hidden state; SDXL takes the penultimate hidden state of both encoders,
-side by side, and the pooled projection of the second encoder's first chunk. Gradients flow
+side by side, and the pooled projection of the second encoder's first chunk. FLUX.1 and SD3 add
+a T5 encoder, which reads the prompt as one sequence of the pipeline's `max_sequence_length`
+pieces (no start token, `</s>` then padding; longer prompts are cut, as the pipelines cut them);
+how their encoders' outputs join is `models.flow.joint_prompt`. Gradients flow
 into the inserted vectors, so the trainer can encode its prompts with trainable vectors too.
 """
 
@@ -88,11 +91,19 @@ def inserted_vectors(text_encoder: Any, rows: list[tuple[int, int, torch.Tensor]
             output[item, start : start + vectors.shape[0]] = vectors.to(output.device, output.dtype)
         return output
 
-    handle = text_encoder.get_input_embeddings().register_forward_hook(hook)
+    handle = _token_embedding_layer(text_encoder).register_forward_hook(hook)
     try:
         yield
     finally:
         handle.remove()
+
+
+def _token_embedding_layer(text_encoder: Any) -> Any:
+    """The embedding layer the encoder's forward calls: T5's stack calls its own `embed_tokens`,
+    which shares its weight with `get_input_embeddings()` but is another module, so a hook on the
+    latter would never fire."""
+    layer = getattr(getattr(text_encoder, "encoder", None), "embed_tokens", None)
+    return layer if layer is not None else text_encoder.get_input_embeddings()
 
 
 def token_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
@@ -106,16 +117,19 @@ def token_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
 class _Encoder:
     """One tokenizer + text encoder pair and how its output is read."""
 
-    def __init__(self, tokenizer: Any, text_encoder: Any, key: str, comma_backtrack: int) -> None:
+    def __init__(self, tokenizer: Any, text_encoder: Any, key: str, comma_backtrack: int, t5_length: int = 0) -> None:
         self.tokenizer, self.text_encoder, self.key = tokenizer, text_encoder, key
+        self.is_t5 = t5_length > 0  # one sequence of `t5_length` ids: no start token, `</s>`, padding
         end_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id
         self.width = int(text_encoder.get_input_embeddings().weight.shape[1])
+        length = t5_length - 1 if self.is_t5 else CHUNK_LENGTH
         self.rules = ChunkRules(
             start_id=tokenizer.bos_token_id,
             end_id=end_id,
             comma_id=tokenizer.get_vocab().get(",</w>"),
-            vectors_of=lambda embedding: min(embedding.vector_count, CHUNK_LENGTH),
+            vectors_of=lambda embedding: min(embedding.vector_count, length),
+            chunk_length=length,
             comma_backtrack=comma_backtrack,
         )
 
@@ -132,7 +146,7 @@ class _Encoder:
     def token_tensor(self, chunks: list[PromptChunk]) -> torch.Tensor:
         """Ids of one chunk per batch item; after the first EOS, the tokenizer's pad id (SD2 and
         SDXL's second encoder pad with `!`, as their pipelines do)."""
-        tokens = torch.tensor([chunk.tokens for chunk in chunks], dtype=torch.long)
+        tokens = torch.tensor([chunk.tokens[self.is_t5:] for chunk in chunks], dtype=torch.long)
         if self.pad_id != self.rules.end_id:
             first_end = (tokens == self.rules.end_id).int().argmax(dim=1, keepdim=True)
             tokens[torch.arange(tokens.shape[1]) > first_end] = self.pad_id
@@ -156,6 +170,7 @@ class PromptEncoder:
         emphasis: str = "Original",
         comma_backtrack: int = COMMA_BACKTRACK,
         zero_empty_negative: bool = False,
+        t5_length: int | None = None,
     ) -> None:
         if emphasis not in EMPHASIS_MODES:
             raise TinvError(f"unknown emphasis mode {emphasis!r} (choose from {', '.join(EMPHASIS_MODES)})")
@@ -163,8 +178,9 @@ class PromptEncoder:
             raise TinvError(f"a {architecture.label} prompt encoder needs {len(architecture.encoders)} tokenizer(s) "
                             "and text encoder(s)")
         self.architecture = architecture
-        keys = architecture.embedding_keys
-        self.encoders = [_Encoder(tok, enc, key, comma_backtrack) for tok, enc, key in zip(tokenizers, text_encoders, keys)]
+        t5_length = architecture.t5_max_length if t5_length is None else t5_length
+        self.encoders = [_Encoder(tok, enc, slot.embedding_key, comma_backtrack, t5_length if slot.is_t5 else 0)
+                         for tok, enc, slot in zip(tokenizers, text_encoders, architecture.encoders)]
         self.emphasis = emphasis
         self.zero_empty_negative = zero_empty_negative
 
@@ -196,18 +212,26 @@ class PromptEncoder:
         """Encode a batch of prompts. Prompts with fewer chunks get empty-prompt chunks (A1111)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         per_prompt = [self.chunks(prompt, embeddings) for prompt in prompts]
-        count = max(len(chunks) for encoders in per_prompt for chunks in encoders)
-        outputs, pooled, used = [], None, []
+        count = max(len(chunks) for encoders, slot in zip(zip(*per_prompt), self.encoders) if not slot.is_t5
+                    for chunks in encoders)
+        outputs, pooled, used, firsts = [], None, [], []
         for index, encoder in enumerate(self.encoders):
+            length = 1 if encoder.is_t5 else count  # T5 reads its first (and only) sequence
             batch = [encoders[index] + [empty_chunk(encoder.rules)] * (count - len(encoders[index])) for encoders in per_prompt]
             pieces = []
-            for position in range(count):
+            for position in range(length):
                 chunks = [chunks_of_item[position] for chunks_of_item in batch]
                 z, chunk_pooled = self._encode_chunk(encoder, chunks, used)
                 pieces.append(z)
+                if position == 0:
+                    firsts.append(chunk_pooled)
                 if position == 0 and chunk_pooled is not None:
                     pooled = chunk_pooled
             outputs.append(torch.cat(pieces, dim=1))
+        if self.architecture.flow_matching:
+            from tinv_lib.models.flow import joint_prompt
+
+            return EncodedPrompts(*joint_prompt(self.architecture.flow_model, outputs, firsts), used)
         return EncodedPrompts(torch.cat(outputs, dim=-1), pooled if self.architecture.text_time_conditioning else None, used)
 
     def _encode_chunk(self, encoder: _Encoder, chunks: list[PromptChunk], used: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -216,16 +240,20 @@ class PromptEncoder:
         for item, chunk in enumerate(chunks):
             for fix in chunk.fixes:
                 vectors = encoder.vectors_for(fix.embedding, self.architecture)
-                room = encoder.rules.chunk_length + 1 - (fix.offset + 1)
-                rows.append((item, fix.offset + 1, vectors[: min(room, vectors.shape[0])]))
+                start = fix.offset + (not encoder.is_t5)  # after CLIP's start token
+                room = encoder.rules.chunk_length + 1 - start
+                rows.append((item, start, vectors[: min(room, vectors.shape[0])]))
                 if all(fix.embedding is not seen for seen in used):
                     used.append(fix.embedding)
         tokens = encoder.token_tensor(chunks)
+        penultimate = self.architecture.penultimate_hidden_state and not encoder.is_t5
         with inserted_vectors(encoder.text_encoder, rows):
-            output = encoder.text_encoder(tokens, output_hidden_states=self.architecture.penultimate_hidden_state)
-        z = output.hidden_states[-2] if self.architecture.penultimate_hidden_state else output[0]
+            output = encoder.text_encoder(tokens, output_hidden_states=penultimate)
+        z = output.hidden_states[-2] if penultimate else output[0]
         pooled = getattr(output, "text_embeds", None) if self.architecture.text_time_conditioning else None
-        multipliers = torch.tensor([chunk.multipliers for chunk in chunks], device=z.device)
+        if self.architecture.flow_matching and not encoder.is_t5:  # projected (SD3) or plain pooled (FLUX.1)
+            pooled = output.text_embeds if hasattr(output, "text_embeds") else output.pooler_output
+        multipliers = torch.tensor([chunk.multipliers[encoder.is_t5:] for chunk in chunks], device=z.device)
         return apply_emphasis(z, multipliers, self.emphasis), pooled
 
     def pipeline_inputs(

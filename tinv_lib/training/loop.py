@@ -317,12 +317,10 @@ def _loss(run: TrainingRun, batch: MicroBatch, snr_gamma: float | None) -> torch
     pixel (masks, alpha) and, with `snr_gamma`, per sample (`objective`)."""
     device, dtype, family = run.device, run.weight_dtype, run.family
     latents, noise, timesteps = batch.latents.to(device), batch.noise.to(device), batch.timesteps.to(device)
-    noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
     with run.accelerator.autocast():
-        hidden, pooled = run.task.conditioning(batch.prompts)
-        extra = family.unet_extra(pooled, batch.sizes, device, dtype)
-        prediction = family.unet(noisy.to(dtype), timesteps, hidden.to(dtype), **extra).sample
-    target = family.training_target(run.noise_scheduler, latents, noise, timesteps)
+        conditioning = run.task.conditioning(batch.prompts)
+        prediction, target = family.prediction_and_target(run.noise_scheduler, latents, noise, timesteps, conditioning,
+                                                          batch.sizes, dtype)
     per_element = F.mse_loss(prediction.float(), target.float(), reduction="none") * batch.weights.to(device)[:, None]
     per_sample = sample_weights(run.noise_scheduler, timesteps, snr_gamma)
     if per_sample is not None:

@@ -27,7 +27,7 @@ from tinv_lib.training.arguments import (
     add_model_arguments,
     add_training_arguments,
     mark_required,
-    parse_training_args,
+    parse_with_config,
 )
 from tinv_lib.training.optimizers import sidecar_name
 from tinv_lib.training.preflight import require_file
@@ -69,19 +69,16 @@ def _encoder_names(text: str) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = parse_training_args(build_parser(), argv, REQUIRED, _check_embedding_flags)
+    args = parse_with_config(build_parser(), argv, REQUIRED)
+    if not 1 <= args.num_vectors <= MAX_VECTORS:
+        raise ArgumentError(f"--num_vectors must be 1-{MAX_VECTORS} (one prompt holds 75 tokens), not {args.num_vectors}")
+    require_file("resume_from_embedding", args.resume_from_embedding)
+    _check_resume_vectors(args)
     args.placeholder_token = sanitize_name(args.placeholder_token, "embedding")
     if " " in args.placeholder_token:
         print(f"notice: the embedding name {args.placeholder_token!r} has a space: prompts must hold it as written, "
               f"space included (\"a photo of {args.placeholder_token}\"), as in A1111", file=sys.stderr)
     return args
-
-
-def _check_embedding_flags(args: argparse.Namespace) -> None:
-    if not 1 <= args.num_vectors <= MAX_VECTORS:
-        raise ArgumentError(f"--num_vectors must be 1-{MAX_VECTORS} (one prompt holds 75 tokens), not {args.num_vectors}")
-    require_file("resume_from_embedding", args.resume_from_embedding)
-    _check_resume_vectors(args)
 
 
 def _check_resume_vectors(args: argparse.Namespace) -> None:
@@ -119,6 +116,9 @@ class TextualInversionTask:
         from tinv_lib.prompts.encoding import PromptEncoder
 
         self.family, self.model_info = family, model_info
+        if args.snr_gamma is not None and family.architecture.flow_matching:
+            raise TinvError(f"--snr_gamma weighs DDPM timesteps by their signal-to-noise ratio; this "
+                            f"{family.architecture.label} model is trained by flow matching, which has none: leave it out")
         self._check_name_is_not_a_word()
         self.prompt_encoder = PromptEncoder.from_pipeline(family.pipe)
         step = 0
@@ -138,16 +138,18 @@ class TextualInversionTask:
         return step
 
     def _freeze_untrained_encoders(self, train_encoders: str) -> None:
-        """`--train_encoders NAME`: the other encoders' vectors stop being trainable."""
+        """`--train_encoders a,b`: the other encoders' vectors stop being trainable."""
         if train_encoders == "all":
             return
         architecture = self.family.architecture
-        if train_encoders not in architecture.selectable_encoders:
+        wanted = train_encoders.split(",")
+        missing = [name for name in wanted if name not in architecture.selectable_encoders]
+        if missing:
             has = ", ".join(architecture.selectable_encoders) or "a single one"
             raise TinvError(f"--train_encoders {train_encoders}: this {architecture.label} model has no text encoder "
-                            f"of that name (its encoders: {has}); leave it at 'all'")
+                            f"{' or '.join(missing)} (its encoders: {has}); leave it at 'all'")
         for key, vectors in self.vectors.items():
-            vectors.requires_grad_(key == train_encoders)
+            vectors.requires_grad_(key in wanted)
 
     def _check_name_is_not_a_word(self) -> None:
         """A name that is one word of the vocabulary would take that word over in every prompt

@@ -1,0 +1,165 @@
+"""train_textual_inversion.py on tiny FLUX.1 and SD3 models (issue 33): the prompt as the
+pipelines encode it, the flow-matching objective, frozen weights, per-encoder vectors, exact
+resume, files that load back."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from helpers import run_training, train_argv
+from safetensors.torch import load_file
+
+from tinv_lib.embeddings.formats import load_embedding
+from tinv_lib.models import flow
+from tinv_lib.models.family import family_of
+from tinv_lib.models.loading import load_base_model
+from tinv_lib.prompts.encoding import PromptEncoder
+from tinv_lib.training.textual_inversion import TextualInversionTask, main, parse_args
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPTS = ["a photo of a red circle", "blue square, (white background:1.0)"]
+
+
+def _argv(model, data, out, *extra: str) -> list[str]:
+    return train_argv(model, data, out, "--num_vectors", "2", "--train_batch_size", "2", *extra,
+                      initializer="a red tree", off=("validation", "report"))
+
+
+def _weights(pipe) -> dict[str, torch.Tensor]:
+    """Every weight of every model of the pipeline: what training must leave untouched."""
+    return {f"{name}.{key}": value.detach().clone() for name, module in pipe.components.items()
+            if isinstance(module, torch.nn.Module) for key, value in module.state_dict().items()}
+
+
+@pytest.fixture(params=["flux", "sd3"])
+def flow_model(request):
+    return request.getfixturevalue(f"tiny_{request.param}_path")
+
+
+def test_prompts_encode_bit_for_bit_as_the_pipelines_encode_them(tiny_flux_path, tiny_sd3_path):
+    flux, _ = load_base_model(tiny_flux_path)
+    encoded = PromptEncoder.from_pipeline(flux).encode(PROMPTS[:1] * 2)
+    embeds, pooled, _ = flux.encode_prompt(PROMPTS[:1] * 2, prompt_2=None, max_sequence_length=512)
+    assert torch.equal(encoded.embeds, embeds) and torch.equal(encoded.pooled, pooled)
+    sd3, _ = load_base_model(tiny_sd3_path)
+    encoded = PromptEncoder.from_pipeline(sd3).encode(PROMPTS[:1])
+    embeds, _, pooled, _ = sd3.encode_prompt(PROMPTS[:1], None, None, do_classifier_free_guidance=False)
+    assert encoded.embeds.shape == (1, 77 + 256, 96)
+    assert torch.equal(encoded.embeds, embeds) and torch.equal(encoded.pooled, pooled)
+
+
+def test_flux_transformer_call_packs_as_the_pipeline_does(tiny_flux_path):
+    """The objective's FLUX.1 call (2x2 patches, positions, guidance) equals the pipeline's own
+    packing helpers around the transformer, and the target is the velocity noise - latents."""
+    from diffusers import FluxPipeline
+
+    pipe, _ = load_base_model(tiny_flux_path)
+    generator = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 16, 8, 8, generator=generator), torch.randn(2, 16, 8, 8, generator=generator)
+    timesteps = torch.tensor([100, 900])
+    encoded = PromptEncoder.from_pipeline(pipe).encode(PROMPTS)
+    hidden, pooled = encoded.embeds, encoded.pooled
+    with torch.no_grad():
+        prediction, target = flow.prediction_and_target(pipe, "flux", latents, noise, timesteps, (hidden, pooled),
+                                                        torch.float32)
+        clean = latents - pipe.vae.config.shift_factor * pipe.vae.config.scaling_factor
+        sigmas = flow.noise_levels(timesteps, pipe.scheduler.config, 16)
+        noisy = (1 - sigmas[:, None, None, None]) * clean + sigmas[:, None, None, None] * noise
+        packed = FluxPipeline._pack_latents(noisy, 2, 16, 8, 8)
+        ids = FluxPipeline._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32)
+        out = pipe.transformer(hidden_states=packed, timestep=sigmas, guidance=torch.ones(2), pooled_projections=pooled,
+                               encoder_hidden_states=hidden, txt_ids=torch.zeros(hidden.shape[1], 3), img_ids=ids,
+                               return_dict=False)[0]
+        expected = FluxPipeline._unpack_latents(out, 64, 64, 8)
+    assert torch.allclose(prediction, expected, atol=1e-6) and torch.equal(target, noise - clean)
+
+
+def test_noise_levels_follow_each_familys_shift():
+    quantile = torch.tensor([499])  # the logit-normal's median: u = 0.5
+    sd3 = flow.noise_levels(quantile, {"shift": 3.0}, 4096)
+    assert sd3.item() == pytest.approx(3 * 0.5 / (1 + 2 * 0.5), abs=1e-3)  # 0.75
+    dev = {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+           "max_image_seq_len": 4096}
+    small, large = flow.noise_levels(quantile, dev, 256), flow.noise_levels(quantile, dev, 4096)
+    assert small.item() == pytest.approx(torch.sigmoid(torch.tensor(0.5)).item(), abs=1e-3)  # e^mu/(e^mu+1), mu=.5
+    assert large.item() > small.item()  # more tokens, noisier
+    levels = flow.noise_levels(torch.arange(1000), {"shift": 1.0}, 16)
+    assert torch.all(levels[1:] > levels[:-1]) and levels[0].item() == pytest.approx(1 - levels[-1].item(), abs=1e-6)
+    assert levels[0].item() == pytest.approx(torch.sigmoid(torch.tensor(-3.2905)).item(), abs=1e-4)  # Phi^-1(0.0005)
+
+
+def test_only_the_new_vectors_train_and_the_files_load_back(flow_model, training_images, tmp_path):
+    before = _weights(load_base_model(flow_model)[0])
+    args = parse_args(_argv(flow_model, training_images, tmp_path, "--max_train_steps", "3", "--learning_rate", "0.05"))
+    task = TextualInversionTask(args)
+    assert run_training(args, task) == 0
+    after = _weights(task.family.pipe)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[key], after[key].cpu()) for key in before), "a frozen weight changed"
+    keys = task.family.architecture.embedding_keys
+    assert [tuple(p.shape) for p in task.parameters()] == [(2, width) for width in task.family.widths]
+    for suffix in (".safetensors", ".pt"):
+        saved = load_embedding(tmp_path / f"my-thing{suffix}")
+        assert list(saved.vectors) == list(keys) and saved.step == (3 if suffix == ".safetensors" else None)
+        for key in keys:
+            assert torch.equal(saved.vectors[key], task.state_tensors()[key].cpu())
+            assert (saved.vectors[key] - task.initial[key]).abs().max() > 1e-4, f"{key} did not train"
+    raw = load_file(tmp_path / "my-thing.safetensors")
+    assert torch.equal(raw["t5xxl"], raw["t5"])
+
+
+def test_train_encoders_takes_a_comma_list(tiny_sd3_path, training_images, tmp_path, capsys):
+    args = parse_args(_argv(tiny_sd3_path, training_images, tmp_path, "--max_train_steps", "2", "--learning_rate",
+                            "0.05", "--train_encoders", "t5,clip_g"))
+    task = TextualInversionTask(args)
+    assert run_training(args, task) == 0
+    saved = load_embedding(tmp_path / "my-thing.safetensors").vectors
+    assert torch.equal(saved["clip_l"], task.initial["clip_l"])
+    assert all((saved[key] - task.initial[key]).abs().max() > 1e-4 for key in ("clip_g", "t5"))
+    with pytest.raises(SystemExit) as caught:
+        parse_args(_argv(tiny_sd3_path, training_images, tmp_path / "x", "--train_encoders", "t5,clip_x"))
+    assert caught.value.code == 2
+    assert "'t5,clip_x': give all, or a comma list of clip_l, clip_g, t5" in capsys.readouterr().err
+
+
+def test_snr_gamma_is_refused_for_flow_models(tiny_flux_path, training_images, tmp_path, capsys):
+    code = main(_argv(tiny_flux_path, training_images, tmp_path, "--max_train_steps", "2", "--snr_gamma", "5"))
+    assert code == 2 and "error: --snr_gamma" in capsys.readouterr().err
+
+
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tiny_flux_path, training_images, tmp_path):
+    flags = ("--learning_rate", "0.02", "--seed", "3", "--checkpointing_steps", "2")
+    whole = parse_args(_argv(tiny_flux_path, training_images, tmp_path / "whole", "--max_train_steps", "4", *flags))
+    assert run_training(whole, TextualInversionTask(whole)) == 0
+    first = parse_args(_argv(tiny_flux_path, training_images, tmp_path / "cut", "--max_train_steps", "4", *flags))
+    assert run_training(first, TextualInversionTask(first)) == 0
+    shutil.rmtree(tmp_path / "cut" / "checkpoint-4")
+    for name in ("my-thing.pt", "my-thing.safetensors"):
+        (tmp_path / "cut" / name).unlink()
+    again = parse_args(_argv(tiny_flux_path, training_images, tmp_path / "cut", "--max_train_steps", "4", *flags,
+                             "--resume_from_checkpoint", "latest"))
+    assert run_training(again, TextualInversionTask(again)) == 0
+    expected, resumed = (load_embedding(tmp_path / folder / "my-thing.safetensors") for folder in ("whole", "cut"))
+    assert resumed.step == 4
+    assert all(torch.equal(expected.vectors[key], resumed.vectors[key]) for key in expected.vectors)
+
+
+def test_diffusers_draws_with_the_trained_file_loaded_its_documented_way(tiny_flux_path, training_images, tmp_path):
+    """The saved file in diffusers' FluxPipeline (one load_textual_inversion per encoder) gives,
+    bit for bit, the prompt embeds tinv's encoder gives with the embedding: the T5 placeholder is
+    one slot per vector either way."""
+    args = parse_args(_argv(tiny_flux_path, training_images, tmp_path, "--max_train_steps", "2", "--learning_rate",
+                            "0.05"))
+    assert run_training(args, TextualInversionTask(args)) == 0
+    embedding = load_embedding(tmp_path / "my-thing.safetensors")
+    state = load_file(tmp_path / "my-thing.safetensors")
+    pipe, _ = load_base_model(tiny_flux_path)
+    ours = PromptEncoder.from_pipeline(pipe).encode(["a photo of my-thing"], {"my-thing": embedding})
+    tokens = ["<m0>", "<m1>"]
+    pipe.load_textual_inversion(state["clip_l"], token=tokens, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["t5"], token=tokens, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    embeds, pooled, _ = pipe.encode_prompt(["a photo of <m0> <m1>"], prompt_2=None, max_sequence_length=512)
+    assert torch.equal(ours.pooled, pooled) and torch.equal(ours.embeds, embeds)
+    assert family_of(pipe).architecture.name == "flux"
