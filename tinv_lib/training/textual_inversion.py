@@ -27,7 +27,7 @@ from tinv_lib.training.arguments import (
     add_model_arguments,
     add_training_arguments,
     mark_required,
-    parse_with_config,
+    parse_training_args,
 )
 from tinv_lib.training.optimizers import sidecar_name
 from tinv_lib.training.preflight import require_file
@@ -69,16 +69,19 @@ def _encoder_names(text: str) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = parse_with_config(build_parser(), argv, REQUIRED)
-    if not 1 <= args.num_vectors <= MAX_VECTORS:
-        raise ArgumentError(f"--num_vectors must be 1-{MAX_VECTORS} (one prompt holds 75 tokens), not {args.num_vectors}")
-    require_file("resume_from_embedding", args.resume_from_embedding)
-    _check_resume_vectors(args)
+    args = parse_training_args(build_parser(), argv, REQUIRED, _check_embedding_flags)
     args.placeholder_token = sanitize_name(args.placeholder_token, "embedding")
     if " " in args.placeholder_token:
         print(f"notice: the embedding name {args.placeholder_token!r} has a space: prompts must hold it as written, "
               f"space included (\"a photo of {args.placeholder_token}\"), as in A1111", file=sys.stderr)
     return args
+
+
+def _check_embedding_flags(args: argparse.Namespace) -> None:
+    if not 1 <= args.num_vectors <= MAX_VECTORS:
+        raise ArgumentError(f"--num_vectors must be 1-{MAX_VECTORS} (one prompt holds 75 tokens), not {args.num_vectors}")
+    require_file("resume_from_embedding", args.resume_from_embedding)
+    _check_resume_vectors(args)
 
 
 def _check_resume_vectors(args: argparse.Namespace) -> None:
