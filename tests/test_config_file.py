@@ -74,7 +74,7 @@ def test_trainer_config_mistakes_are_one_line_naming_file_and_key(kind, body, me
 @pytest.mark.parametrize(("body", "message"), [
     ("num_vectors = 2.5", "run.toml: num_vectors: invalid int value: '2.5'"),
     ("num_vectors = 100", "run.toml: num_vectors must be 1-75"),
-    ('train_encoders = "clip_x"', "run.toml: train_encoders: invalid choice: 'clip_x'"),
+    ('train_encoders = "clip_x"', "run.toml: train_encoders: 'clip_x': give all, or a comma list of"),
 ])
 def test_embedding_config_values_are_checked(body, message, tmp_path, capsys, no_model_load, monkeypatch):
     monkeypatch.chdir(tmp_path)

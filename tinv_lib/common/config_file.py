@@ -132,7 +132,9 @@ def _convert_one(action: argparse.Action, value: Any) -> Any:
     text = str(value)
     try:
         converted = action.type(text) if action.type is not None else text
-    except (TypeError, ValueError, argparse.ArgumentTypeError):
+    except argparse.ArgumentTypeError as error:  # the type's own words, as argparse prints them
+        raise ValueError(str(error)) from None
+    except (TypeError, ValueError):
         raise ValueError(f"invalid {getattr(action.type, '__name__', 'value')} value: {text!r}") from None
     if action.choices is not None and converted not in action.choices:
         raise ValueError(f"invalid choice: {converted!r} (choose from {', '.join(map(str, action.choices))})")

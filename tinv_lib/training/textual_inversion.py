@@ -209,14 +209,12 @@ class TextualInversionTask:
         return encoded.embeds, encoded.pooled
 
     def check_prompts(self, prompts: list[str]) -> None:
-        """A dataset whose prompts never contain the embedding's name would train nothing."""
-        from tinv_lib.prompts.encoding import token_ids
-
-        tokenizer = self.family.tokenizers[0]
-        (name_ids,) = token_ids(tokenizer, [self.name])
+        """A dataset whose prompts never contain the embedding's name would train nothing. The name
+        is looked for exactly as encoding finds it (`PromptEncoder.chunks`: an embedding fix in a
+        chunk of the first encoder)."""
+        embeddings = {self.name: self.current_embedding()}
         for prompt in prompts:
-            (ids,) = token_ids(tokenizer, [prompt])
-            if any(ids[i:i + len(name_ids)] == name_ids for i in range(len(ids))):
+            if any(chunk.fixes for chunk in self.prompt_encoder.chunks(prompt, embeddings)[0]):
                 return
         raise TinvError(
             f"no training prompt contains the placeholder {self.name!r}: use a template with [name] "
