@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import shutil
 
+import numpy
 import pytest
 import torch
 from helpers import run_training, train_argv
 from safetensors.torch import load_file
 
 from tinv_lib.embeddings.formats import load_embedding
+from tinv_lib.generation.txt2img import generate
 from tinv_lib.models import flow
 from tinv_lib.models.family import family_of
 from tinv_lib.models.loading import load_base_model
@@ -148,8 +150,8 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tiny_flux_path, t
 
 def test_diffusers_draws_with_the_trained_file_loaded_its_documented_way(tiny_flux_path, training_images, tmp_path):
     """The saved file in diffusers' FluxPipeline (one load_textual_inversion per encoder) gives,
-    bit for bit, the prompt embeds tinv's encoder gives with the embedding: the T5 placeholder is
-    one slot per vector either way."""
+    bit for bit, the prompt embeds tinv's encoder gives with the embedding (the T5 placeholder is
+    one slot per vector either way), and the pipeline draws the image tinv draws."""
     args = parse_args(_argv(tiny_flux_path, training_images, tmp_path, "--max_train_steps", "2", "--learning_rate",
                             "0.05"))
     assert run_training(args, TextualInversionTask(args)) == 0
@@ -163,3 +165,8 @@ def test_diffusers_draws_with_the_trained_file_loaded_its_documented_way(tiny_fl
     embeds, pooled, _ = pipe.encode_prompt(["a photo of <m0> <m1>"], prompt_2=None, max_sequence_length=512)
     assert torch.equal(ours.pooled, pooled) and torch.equal(ours.embeds, embeds)
     assert family_of(pipe).architecture.name == "flux"
+    drawn = generate(pipe, "a photo of my-thing", seed=3, steps=3, cfg_scale=3.5, width=64, height=64,
+                     embeddings={"my-thing": embedding}).images[0]
+    theirs = pipe("a photo of <m0> <m1>", num_inference_steps=3, guidance_scale=3.5, width=64, height=64,
+                  generator=torch.Generator().manual_seed(3)).images[0]
+    assert numpy.array_equal(numpy.asarray(drawn), numpy.asarray(theirs))

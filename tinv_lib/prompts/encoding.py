@@ -260,7 +260,8 @@ class PromptEncoder:
         self, prompt: str, negative_prompt: str = "", embeddings: Mapping[str, Any] | None = None
     ) -> tuple[dict[str, torch.Tensor], list[Any]]:
         """Keyword arguments for a diffusers pipeline call (`prompt_embeds`,
-        `negative_prompt_embeds`, and for SDXL the two pooled embeds), plus the embeddings used."""
+        `negative_prompt_embeds`, and for SDXL, FLUX.1 and SD3 the two pooled embeds), plus the
+        embeddings used."""
         cond = self.encode([prompt], embeddings)
         if self.zero_empty_negative and negative_prompt == "":
             uncond = EncodedPrompts(torch.zeros_like(cond.embeds), None if cond.pooled is None else torch.zeros_like(cond.pooled))
@@ -268,7 +269,7 @@ class PromptEncoder:
             uncond = self.encode([negative_prompt], embeddings)
         embeds, negative = pad_to_same_length(cond.embeds, uncond.embeds)
         inputs = {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
-        if self.architecture.text_time_conditioning:
+        if self.architecture.text_time_conditioning or self.architecture.flow_matching:
             inputs["pooled_prompt_embeds"] = cond.pooled
             inputs["negative_pooled_prompt_embeds"] = uncond.pooled
         used = cond.used + [emb for emb in uncond.used if all(emb is not seen for seen in cond.used)]
