@@ -48,7 +48,7 @@ from tinv_lib.training.distributed import average_gradients
 from tinv_lib.training.ema import ExponentialMovingAverage
 from tinv_lib.training.frozen_model import load_frozen_model
 from tinv_lib.training.logs import RunLogger
-from tinv_lib.training.lr_schedule import ScheduleString, build_schedule
+from tinv_lib.training.lr_schedule import ScheduleString
 from tinv_lib.training.objective import sample_weights
 from tinv_lib.training.optimizers import build_optimizer, evaluation_mode
 from tinv_lib.training.signals import StopRequest
@@ -109,15 +109,14 @@ def _set_up(args, task: TrainingTask) -> TrainingRun:
     optimizer = accelerator.prepare(optimizer)
     if resumed.scaler is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(resumed.scaler)
-    schedule = build_schedule(args.learning_rate, args.max_train_steps, resumed.start_step, args.lr_scheduler,
-                              args.lr_warmup_steps)
+    schedule = args.learning_rate.resumed_at(resumed.start_step)  # parsed with the command line
     samples = _sample_settings(args, task, family, templates, noise_scheduler)
     run = TrainingRun(
         args=args, task=task, accelerator=accelerator, family=family, model_info=model_info,
         weight_dtype=weight_dtype, output_dir=output_dir, images=images, plan=plan, batch=batch, samples=samples,
         params=params, optimizer=optimizer, schedule=schedule,
-        clip_norm=_clip_schedule(args.max_grad_norm, args.max_train_steps, resumed.start_step),
-        clip_value=_clip_schedule(args.clip_grad_value, args.max_train_steps, resumed.start_step),
+        clip_norm=_clip_schedule(args.max_grad_norm, resumed.start_step),
+        clip_value=_clip_schedule(args.clip_grad_value, resumed.start_step),
         noise_scheduler=noise_scheduler,
         logger=RunLogger(output_dir, task.kind, args, accelerator.is_main_process, plan.steps_per_epoch,
                          resume_step=resumed.step if resumed.checkpoint else None, started=started),
@@ -227,8 +226,8 @@ def _resume(args, task: TrainingTask, optimizer, output_dir: Path, file_step: in
     return _Resumed(path, state.step, state.start_step, state.scaler, state.ema, state.batch)
 
 
-def _clip_schedule(text: str | None, max_steps: int, start_step: int) -> ScheduleString | None:
-    return ScheduleString(text, max_steps, start_step) if text else None
+def _clip_schedule(schedule: ScheduleString | None, start_step: int) -> ScheduleString | None:
+    return schedule.resumed_at(start_step) if schedule else None
 
 
 def _announce(run: TrainingRun, messages: list[str], file_step: int, checkpoint: Path | None) -> None:
