@@ -101,12 +101,11 @@ def convert_file(source: str, target: str, name: str | None, image: str | None, 
     if image:
         if target_path.suffix.lower() != ".png":
             raise TinvError("--image only applies when converting to .png")
-        from PIL import Image
+        from tinv_lib.common.images import UnreadableImage, read_image
 
         try:
-            with Image.open(image) as picture:
-                options["image"] = picture.convert("RGB")
-        except OSError as error:
+            options["image"] = read_image(image).convert("RGB")
+        except UnreadableImage as error:
             raise TinvError(f"{image}: not a readable image ({error})") from None
     save_embedding(embedding, target_path, **options)
     print(json.dumps(describe(load_embedding(target_path))), flush=True)
