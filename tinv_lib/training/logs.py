@@ -75,8 +75,9 @@ class RunLogger:
         if "wandb" in trackers:
             self.wandb = _start_wandb(output_dir, args)
 
-    def _open_bar(self) -> None:
-        """The progress bar, on stderr; on a file or pipe through `_BarStream`."""
+    def _open_bar(self, first_step_seconds: float) -> None:
+        """The progress bar, on stderr (on a file or pipe through `_BarStream`), opened after the
+        first step and dated back to that step's start, so its first rate is the step's."""
         from tqdm.auto import tqdm
 
         stream = sys.stderr
@@ -84,6 +85,8 @@ class RunLogger:
             stream = self.bar_stream = _BarStream(stream)
         self.bar = tqdm(total=self.total_steps, initial=self.resumed_at, desc=self.kind, dynamic_ncols=True,
                         file=stream)
+        self.bar.start_t -= first_step_seconds
+        self.bar.last_print_t = self.bar.start_t
 
     def step(self, step: int, loss: float, rate: float, grad_norm: float, last: bool = False) -> None:
         """Record one optimizer step; the CSV gets a row every `--log_csv_steps` steps and at the
@@ -91,11 +94,12 @@ class RunLogger:
         if not self.active:
             return
         now = time.perf_counter()
-        speed = 1.0 / max(now - self.last_time, 1e-9)
+        seconds = now - self.last_time
+        speed = 1.0 / max(seconds, 1e-9)
         self.last_time = now
         self.window = (self.window + [loss])[-100:]
         if self.bar is None and self.completed_step is None:
-            self._open_bar()
+            self._open_bar(seconds)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rate:.3g}", refresh=False)
             self.bar.update(1)
