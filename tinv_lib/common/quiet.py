@@ -8,13 +8,16 @@ is only needed for `--use_8bit_adam`, never its 4-bit CPU kernels.
 
 So: bitsandbytes is imported only when 8-bit Adam asks for it (diffusers would otherwise import
 it while loading any model), and exactly those messages are dropped by a logging filter on the
-logger that emits them. Every other warning, from these loggers too, still shows.
+logger that emits them. Every other warning, from these loggers too, still shows, except while a
+helper model loads under `quiet_transformers_loading` (preprocessing's caption model).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+from collections.abc import Iterator
 
 # logger name -> the messages from it known to be irrelevant to tinv
 KNOWN_NOISE = {
@@ -57,3 +60,20 @@ def _keep_bitsandbytes_unloaded() -> None:
     from diffusers.utils import import_utils
 
     import_utils._bitsandbytes_available = False
+
+
+@contextlib.contextmanager
+def quiet_transformers_loading() -> Iterator[None]:
+    """Only errors and no bars from transformers while a helper model loads (its loading notes
+    would bury our own progress bar); the settings before are restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

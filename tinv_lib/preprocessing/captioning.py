@@ -24,6 +24,7 @@ from typing import Any
 from PIL import Image
 
 from tinv_lib.common.errors import TinvError, first_line
+from tinv_lib.common.quiet import quiet_transformers_loading
 
 EXISTING_CAPTION_ACTIONS = ("ignore", "copy", "prepend", "append")
 WINDOWS_INVALID = '\\/:*?"<>|'
@@ -132,28 +133,20 @@ class Captioner:
         folder = check_caption_model(settings.model)
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
-        from transformers.utils import logging as hf_logging
 
         if settings.threads:
             torch.set_num_threads(settings.threads)
         device = settings.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        # loading notes and bars would bury our progress bar; restored afterwards
-        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
         try:
-            processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
-            model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True)
+            with quiet_transformers_loading():
+                processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+                model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise TinvError(
                 f"--caption_model {folder}: cannot load it as an image-to-text model ({first_line(error)})"
             ) from None
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            if bars:
-                hf_logging.enable_progress_bar()
         self.settings = settings
         self.pipe = pipeline("image-text-to-text", model=model.eval(), processor=processor, device=device)
 
