@@ -161,6 +161,6 @@ def test_preprocess_config_mistakes_are_one_line_naming_file_and_key(body, messa
 def test_preprocess_takes_its_folders_from_the_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "src").mkdir()
-    (tmp_path / "p.yaml").write_text("source_dir: src\ndest_dir: out\nflip: true\nwidth: 64\n")
+    (tmp_path / "p.yaml").write_text("source_dir: src\ndest_dir: out\nflip: true\nwidth: 64\nface_model:\n")
     args = preprocess_cli.parse_args(["--config", "p.yaml", "--width", "128"])
-    assert (args.source_dir, args.dest_dir, args.flip, args.width) == ("src", "out", True, 128)
+    assert (args.source_dir, args.dest_dir, args.flip, args.width, args.face_model) == ("src", "out", True, 128, None)

@@ -113,7 +113,10 @@ def _load(path: Path, name: str) -> dict:
 
 def _convert(action: argparse.Action, value: Any) -> Any:
     """`value` as the flag would hold it after the same text on the command line; `ValueError`
-    says what is wrong in argparse's words."""
+    says what is wrong in argparse's words. An empty value (YAML `key:`, `null`) leaves the flag's
+    own default."""
+    if value is None:
+        return action.default
     if action.nargs == 0:  # an on/off flag (store_true)
         if not isinstance(value, bool):
             raise ValueError(f"expected true or false, not {value!r}")
@@ -127,7 +130,7 @@ def _convert(action: argparse.Action, value: Any) -> Any:
 
 
 def _convert_one(action: argparse.Action, value: Any) -> Any:
-    if isinstance(value, (bool, dict, list)) or value is None:
+    if isinstance(value, (bool, dict, list)) or value is None:  # None inside a list
         raise ValueError(f"expected a value as typed after --{action.dest}, not {value!r}")
     text = str(value)
     try:
