@@ -56,6 +56,7 @@ TRAINER_MISTAKES = [
     ('shuffle_tags = "yes"', "run.toml: shuffle_tags: expected true or false, not 'yes'"),
     ("flip_p = 1.5", "run.toml: flip_p must be in [0, 1], not 1.5"),
     ("max_train_steps = 0", "run.toml: max_train_steps must be a positive integer, not 0"),
+    ('learning_rate = "fast"', "run.toml: learning_rate 'fast': Invalid learning rate schedule"),
     ("bogus_flag = 1", "run.toml: unknown setting(s) bogus_flag"),
 ]
 

@@ -162,8 +162,12 @@ def normalise_training_arguments(args: argparse.Namespace) -> None:
 def parse_schedules(args: argparse.Namespace) -> None:
     """`--learning_rate`, `--max_grad_norm` and `--clip_grad_value` become schedules, parsed here
     once (`str()` of each gives the text back); the loop asks them for its start step."""
-    args.learning_rate = build_schedule(args.learning_rate, args.max_train_steps, 0, args.lr_scheduler,
-                                        args.lr_warmup_steps)
+    try:
+        args.learning_rate = build_schedule(args.learning_rate, args.max_train_steps, 0, args.lr_scheduler,
+                                            args.lr_warmup_steps)
+    except ScheduleError as error:  # said as the flag it is about, as every check does
+        text = str(error)
+        raise ArgumentError(text if text.startswith("--") else f"--learning_rate {args.learning_rate!r}: {text}") from None
     for name in ("max_grad_norm", "clip_grad_value"):
         value = getattr(args, name)
         try:
