@@ -8,7 +8,8 @@ step. Each row is a fresh process training textual inversion on a tiny SD 1.x mo
 
     OMP_NUM_THREADS=1 python benchmarks/bench_datasets.py --images 1000 --stream_images 10000 --steps 40
 
-Prints one markdown table; the ratios are against the folder row of the same run.
+Prints one markdown table (the ratios against the folder row of the same run), then a long
+streamed run that reads thousands of rows: its RSS after a tenth of the steps and after the last.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,7 @@ from pathlib import Path
 if __name__ == "__main__":  # as a script (the parent and each child): import the checkout's tinv_lib
     import _setup
 
-    _setup.prepare_script(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1")
+    _setup.prepare_script(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 
 
 def write_set(root: Path, count: int, seed: int = 0) -> tuple[Path, Path]:
@@ -53,8 +54,18 @@ def write_set(root: Path, count: int, seed: int = 0) -> tuple[Path, Path]:
     return folder, saved
 
 
+def _rss_mb(field: str) -> float:
+    """`VmRSS` (now) or `VmHWM` (peak) of this process in MB (unlike `ru_maxrss`, not inherited
+    from the parent across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def child(config: dict) -> None:
-    """One training run; prints JSON: set-up seconds, steps/s over the steps after the first, peak RSS."""
+    """One training run; prints JSON: set-up seconds, steps/s over the steps after the first, peak
+    RSS, and the RSS after a tenth of the steps and after the last."""
     from tinv_lib.training.loop import train
     from tinv_lib.training.runner import prepare_process
     from tinv_lib.training.task import TrainingHooks
@@ -63,19 +74,25 @@ def child(config: dict) -> None:
     args = parse_args(config["argv"])
     started = time.perf_counter()
     stamps: list[float] = []
+    rss: dict[int, float] = {}
+
+    def on_step(report) -> None:
+        stamps.append(time.perf_counter())
+        if report.step in (max(1, args.max_train_steps // 10), args.max_train_steps):
+            rss[report.step] = _rss_mb("VmRSS")
+
     prepare_process()
-    code = train(args, TextualInversionTask(args), TrainingHooks(on_step=lambda step: stamps.append(time.perf_counter())))
-    assert code == 0
+    assert train(args, TextualInversionTask(args), TrainingHooks(on_step=on_step)) == 0
     steps = len(stamps) - 1
     print(json.dumps({"setup_s": stamps[0] - started, "steps_per_s": steps / (stamps[-1] - stamps[0]),
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_mb": _rss_mb("VmHWM"), "rss_mb": [rss[key] for key in sorted(rss)]}))
 
 
-def measure(model: Path, source: list[str], out: Path, steps: int) -> dict:
+def measure(model: Path, source: list[str], out: Path, steps: int, batch: int) -> dict:
     argv = ["--pretrained_model_name_or_path", str(model), *source, "--output_dir", str(out), "--placeholder_token",
             "tok", "--initializer_token", "noise", "--resolution", "64", "--max_train_steps", str(steps),
-            "--report_to", "none", "--validation_steps", "0", "--save_steps", "0", "--checkpointing_steps", "0",
-            "--template_file", "subject_filewords", "--aspect_mode", "crop"]
+            "--train_batch_size", str(batch), "--report_to", "none", "--validation_steps", "0", "--save_steps", "0",
+            "--checkpointing_steps", "0", "--template_file", "subject_filewords", "--aspect_mode", "crop"]
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps({"argv": argv})], capture_output=True,
                           text=True, env=os.environ)
     if done.returncode:
@@ -83,11 +100,18 @@ def measure(model: Path, source: list[str], out: Path, steps: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _median(runs: list[dict], key: str) -> float:
+    return statistics.median(run[key] for run in runs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000, help="images in the folder and the saved dataset")
     parser.add_argument("--stream_images", type=int, default=10000, help="images in the larger stream")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=40, help="steps (batch 1) of each table row")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each table row (medians)")
+    parser.add_argument("--long_rows", type=int, default=2400, help="rows the long stream run reads")
+    parser.add_argument("--long_batch", type=int, default=8, help="batch of the long stream run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -104,16 +128,26 @@ def main(argv: list[str] | None = None) -> int:
                 ("saved dataset", args.images, ["--dataset_name", str(saved)]),
                 ("stream", args.images, ["--dataset_name", str(saved), "--streaming"]),
                 ("stream", args.stream_images, ["--dataset_name", str(big), "--streaming"])]
-        results = [(name, count, measure(model, source, root / f"out-{index}", args.steps))
-                   for index, (name, count, source) in enumerate(rows)]
-    base = results[0][2]
-    print(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {args.steps} steps, batch 1, 64 px, tiny SD 1.x")
+        runs: list[list[dict]] = [[] for _ in rows]
+        for repeat in range(args.repeats):  # interleaved, so a change in the machine's load hits every row alike
+            for index, (_, _, source) in enumerate(rows):
+                runs[index].append(measure(model, source, root / f"out-{index}-{repeat}", args.steps, 1))
+        long_steps = args.long_rows // args.long_batch
+        long = measure(model, ["--dataset_name", str(big), "--streaming"], root / "out-long", long_steps,
+                       args.long_batch)
+    base = runs[0]
+    print(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {args.steps} steps at batch 1, 64 px, "
+          f"tiny SD 1.x; medians of {args.repeats} interleaved runs")
     print("| source | images | set-up s | steps/s | x folder | peak RSS MB | x folder |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, count, r in results:
-        print(f"| {name} | {count:,} | {r['setup_s']:.1f} | {r['steps_per_s']:.1f} | "
-              f"{r['steps_per_s'] / base['steps_per_s']:.2f} | {r['peak_rss_mb']:.0f} | "
-              f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f} |")
+    for (name, count, _), results in zip(rows, runs):
+        speed, peak = _median(results, "steps_per_s"), _median(results, "peak_rss_mb")
+        print(f"| {name} | {count:,} | {_median(results, 'setup_s'):.1f} | {speed:.1f} | "
+              f"{speed / _median(base, 'steps_per_s'):.2f} | {peak:.0f} | {peak / _median(base, 'peak_rss_mb'):.2f} |")
+    first, last = long["rss_mb"]
+    print(f"\nstream of {args.stream_images:,}, batch {args.long_batch}, {long_steps} steps ({args.long_rows:,} rows read): "
+          f"RSS {first:.0f} MB after {long_steps // 10} steps, {last:.0f} MB after {long_steps} "
+          f"(peak {long['peak_rss_mb']:.0f} MB), {long['steps_per_s'] * args.long_batch:.1f} images/s")
     return 0
 
 
