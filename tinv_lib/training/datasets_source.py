@@ -259,7 +259,7 @@ class StreamPlan:
     readable row of the same G (every process would pick the same one); when none of the G can
     be read, the next G rows are read instead. At the stream's end the next epoch starts.
 
-    The plan's position (`state`: the epoch, the row, and `datasets`' own `state_dict()`) is
+    The plan's position (`stream_state`: the epoch, the row, and `datasets`' own `state_dict()`) is
     the same on every process and goes into checkpoints, so a resumed run reads on from exactly
     where the checkpoint was written, on any number of processes that make the same global batch.
     """
