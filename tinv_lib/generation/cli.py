@@ -35,6 +35,8 @@ from tinv_lib.generation.infotext import (
 from tinv_lib.generation.samplers import (
     AUTOMATIC,
     DEFAULT_SAMPLER,
+    FLOW_SAMPLER,
+    check_flow_sampler,
     sampler_names,
     scheduler_options,
     split_sampler_name,
@@ -167,8 +169,10 @@ class Session:
         return self.encoders[emphasis]
 
     def native_size(self) -> int:
-        """The model's native image side (UNet sample size × VAE scale factor)."""
-        return int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+        """The model's native image side (UNet sample size × VAE scale factor; FLUX.1's and SD3's
+        pipelines say theirs as `default_sample_size`)."""
+        size = getattr(self.pipe, "default_sample_size", None) if hasattr(self.pipe, "transformer") else None
+        return int(size or self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
 
 
 def default_model() -> Path:
@@ -377,6 +381,7 @@ def run(args: argparse.Namespace, say: Say = print, stdin: Iterable[str] | None 
     check_numbers(values)  # a typo should not wait for the model to load
     if "sampler" in values or "schedule_type" in values:
         scheduler_options(*split_sampler_name(values.get("sampler", DEFAULT_SAMPLER), values.get("schedule_type", AUTOMATIC)))
+    _check_flow_model(args, values)
     session = open_session(args, say)
     if args.interactive:
         if "prompt" in values:
@@ -390,6 +395,27 @@ def run(args: argparse.Namespace, say: Say = print, stdin: Iterable[str] | None 
         job = make_job(session, values)
     run_job(session, job)
     return 0
+
+
+def _check_flow_model(args: argparse.Namespace, values: dict[str, Any]) -> None:
+    """FLUX.1 and SD3 folders, before they load: their one sampler (the default becomes it; any
+    other is refused) and no hypernetworks."""
+    from tinv_lib.hypernetworks.apply import refuse_flow_models
+    from tinv_lib.models.architecture import ModelLoadError, of_folder
+    from tinv_lib.prompts.syntax import parse_extra_networks
+
+    model = Path(args.model) if args.model else None
+    try:
+        architecture = of_folder(model) if model is not None and model.is_dir() else None
+    except ModelLoadError:
+        return  # the loader says what is wrong with it
+    if architecture is None or not architecture.flow_matching:
+        return
+    if "sampler" in values or "schedule_type" in values:
+        check_flow_sampler(values.get("sampler", FLOW_SAMPLER), values.get("schedule_type", AUTOMATIC))
+    values["sampler"] = FLOW_SAMPLER
+    if parse_extra_networks(str(values.get("prompt", "")))[1].get("hypernet"):
+        refuse_flow_models(model, architecture)
 
 
 def _say(text: str) -> None:

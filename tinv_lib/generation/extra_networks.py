@@ -81,7 +81,10 @@ class HypernetworkHandler:
 
     def __call__(self, pipe: Any, tags: list[list[str]]) -> contextlib.AbstractContextManager[Any]:
         from tinv_lib.hypernetworks import apply_hypernetworks, context_widths
+        from tinv_lib.hypernetworks.apply import refuse_flow_models
+        from tinv_lib.models.family import family_of
 
+        refuse_flow_models(type(pipe).__name__, family_of(pipe).architecture)
         available = self.available()
         widths = context_widths(pipe.unet)
         stack = []

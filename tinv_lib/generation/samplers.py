@@ -109,6 +109,20 @@ DEFAULT_SAMPLER = "DPM++ 2M"
 """A1111's default in current versions (the first of its samplers; Automatic schedule = Karras)."""
 
 
+FLOW_SAMPLER = "Euler"  # FLUX.1 and SD3 sample with their own FlowMatchEulerDiscreteScheduler
+
+
+def check_flow_sampler(sampler_name: str, schedule_type: str = AUTOMATIC) -> None:
+    """Flow-matching models (FLUX.1, SD3) have one sampler, their scheduler's Euler steps on the
+    flow (shifted as the model was trained); A1111's other samplers and schedule types are
+    written for DDPM noise levels and do not exist for them."""
+    name, schedule = split_sampler_name(sampler_name, schedule_type)
+    if name != FLOW_SAMPLER or schedule != AUTOMATIC:
+        asked = name if schedule == AUTOMATIC else f"{name} {schedule}"
+        raise SamplerError(f"sampler {asked!r} does not exist for flow-matching models (FLUX.1, SD3): use "
+                           f"{FLOW_SAMPLER!r}, their own scheduler")
+
+
 def sampler_names() -> list[str]:
     """The sampler names `--sampler` accepts (a schedule suffix may follow any of them)."""
     return [sampler.name for sampler in SAMPLERS]

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from tinv_lib.embeddings.database import EmbeddingDatabase
+from tinv_lib.models.family import family_of
 from tinv_lib.prompts.encoding import PromptEncoder
 from tinv_lib.prompts.syntax import parse_extra_networks
 
@@ -57,9 +58,14 @@ def ti_hashes(embeddings: list[Any]) -> str:
 
 @contextlib.contextmanager
 def _scheduler_for(pipe: Any, sampler: str, schedule_type: str):
-    """Swap in the scheduler for an A1111 sampler name; put the model's own back afterwards."""
-    from tinv_lib.generation.samplers import make_scheduler
+    """Swap in the scheduler for an A1111 sampler name; put the model's own back afterwards.
+    Flow-matching models keep their own scheduler, the one sampler they have."""
+    from tinv_lib.generation.samplers import check_flow_sampler, make_scheduler
 
+    if family_of(pipe).architecture.flow_matching:
+        check_flow_sampler(sampler, schedule_type)
+        yield
+        return
     original = pipe.scheduler
     pipe.scheduler = make_scheduler(original.config, sampler, schedule_type)
     try:

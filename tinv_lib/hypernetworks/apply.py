@@ -20,16 +20,36 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from tinv_lib.common.errors import TinvError
 from tinv_lib.hypernetworks.module import Hypernetwork, HypernetworkModule
 
 logger = logging.getLogger(__name__)
 
 Stack = Sequence[tuple[Hypernetwork, float]]
 """Hypernetworks to apply, in order, each with its multiplier (ignored in training mode)."""
+
+
+def refuse_flow_models(model: str | Path, architecture: Any = None) -> None:
+    """Hypernetworks transform the context of a UNet's attention layers; FLUX.1's and SD3's
+    transformers attend jointly over text and image tokens and have no such context, so a
+    hypernetwork cannot apply. Refused in one line, from the loaded model's `architecture` or,
+    before loading, from a diffusers folder's configs (anything else is left to the loader)."""
+    from tinv_lib.models.architecture import ModelLoadError, of_folder
+
+    if architecture is None:
+        try:
+            architecture = of_folder(Path(model)) if Path(model).is_dir() else None
+        except ModelLoadError:
+            return
+    if architecture is not None and architecture.flow_matching:
+        raise TinvError(f"{model}: hypernetworks act on a UNet's cross-attention, and this {architecture.label} model "
+                        "is a transformer without one: FLUX.1 and SD3 take embeddings (train_textual_inversion.py)")
 
 
 def _attention_layers(unet: nn.Module) -> list[nn.Module]:

@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _check_hypernetwork_flags(args: argparse.Namespace) -> None:
+    from tinv_lib.hypernetworks.apply import refuse_flow_models
+
+    refuse_flow_models(args.pretrained_model_name_or_path)
     require_file("resume_from_hypernetwork", args.resume_from_hypernetwork)
     if not args.resume_from_hypernetwork:
         _create_options(args)  # bad structures and dropout values fail here, before the model loads
@@ -101,9 +104,11 @@ class HypernetworkTask:
         self.resumed_from: Path | None = None  # the --resume_from_hypernetwork file, once read
 
     def setup(self, family, model_info, args, device: torch.device) -> int:
+        from tinv_lib.hypernetworks.apply import refuse_flow_models
         from tinv_lib.prompts.encoding import PromptEncoder
 
         self.family, self.model_info = family, model_info
+        refuse_flow_models(args.pretrained_model_name_or_path, family.architecture)  # hub ids: known only now
         if args.resume_from_hypernetwork:
             self.network = load_hypernetwork(args.resume_from_hypernetwork)
             self.optimizer_state = _matching_optimizer_state(args.resume_from_hypernetwork, args.optimizer)
