@@ -170,3 +170,31 @@ def test_diffusers_draws_with_the_trained_file_loaded_its_documented_way(tiny_fl
     theirs = pipe("a photo of <m0> <m1>", num_inference_steps=3, guidance_scale=3.5, width=64, height=64,
                   generator=torch.Generator().manual_seed(3)).images[0]
     assert numpy.array_equal(numpy.asarray(drawn), numpy.asarray(theirs))
+
+
+def test_two_processes_train_as_one(tiny_flux_path, training_images, tmp_path):
+    """Batch 2 on one process and batch 1 on each of two (torchrun, gloo on the CPU) see the same
+    samples and give the same vectors (Adam's epsilon 1e-4 so the all-reduce's rounding stays
+    invisible, as in test_elastic)."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true",
+           "OMP_NUM_THREADS": "1"}
+    flags = ("--learning_rate", "0.001", "--adam_epsilon", "1e-4", "--max_train_steps", "3", "--checkpointing_steps", "0")
+    script = str(ROOT / "train_textual_inversion.py")
+    runs = {1: [sys.executable, script], 2: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                             script]}
+    vectors = {}
+    for processes, command in runs.items():
+        out = tmp_path / f"p{processes}"
+        argv = train_argv(tiny_flux_path, training_images, out, *flags, "--train_batch_size", str(2 // processes),
+                          initializer="a red tree", off=("validation", "report", "save"))
+        done = subprocess.run([*command, *argv], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        vectors[processes] = load_embedding(out / "my-thing.safetensors").vectors
+    for key in ("clip_l", "t5"):
+        assert torch.allclose(vectors[1][key], vectors[2][key], atol=1e-6, rtol=0), key
