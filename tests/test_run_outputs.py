@@ -209,7 +209,7 @@ def test_the_readme_output_list_names_every_file_the_quickstart_writes(tiny_sd1_
 
 def test_gitignore_covers_the_output_folders():
     for path, ignored in [("embeddings/x.pt", True), ("outputs/txt2img-images/a.png", True), ("output/run/x.pt", True),
-                          ("embeddings-xl/toy-concept.safetensors", True),
+                          ("embeddings-xl/toy-concept.safetensors", True), ("models/hypernetworks/a.pt", True),
                           ("tinv_lib/embeddings/formats.py", False)]:
         done = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT)
         assert (done.returncode == 0) == ignored, path
