@@ -122,12 +122,8 @@ class RunLogger:
         if self.active:
             self._line(text, sys.stderr)
 
-    def status(self, text: str) -> None:
-        """A line on stdout, on a line of its own even while the progress bar is drawn."""
-        if self.active:
-            self._line(text, sys.stdout)
-
     def _line(self, text: str, stream) -> None:
+        """`text` on `stream`, starting a line of its own whatever the bar has drawn."""
         if self.bar is not None and self.bar_stream is None:
             self.bar.write(text, file=stream)  # a terminal: tqdm clears the bar, writes, redraws
             return
