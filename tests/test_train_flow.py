@@ -126,9 +126,13 @@ def test_train_encoders_takes_a_comma_list(tiny_sd3_path, training_images, tmp_p
     assert "'t5,clip_x': give all, or a comma list of clip_l, clip_g, t5" in capsys.readouterr().err
 
 
-def test_snr_gamma_is_refused_for_flow_models(tiny_flux_path, training_images, tmp_path, capsys):
-    code = main(_argv(tiny_flux_path, training_images, tmp_path, "--max_train_steps", "2", "--snr_gamma", "5"))
-    assert code == 2 and "error: --snr_gamma" in capsys.readouterr().err
+def test_snr_gamma_is_refused_for_flow_models_before_loading(tiny_flux_path, training_images, tmp_path, capsys):
+    from tinv_lib.models.loading import save_model_config
+
+    configs_only = save_model_config(tiny_flux_path, tmp_path / "configs")  # loading it would fail: no weights
+    code = main(_argv(configs_only, training_images, tmp_path / "out", "--max_train_steps", "2", "--snr_gamma", "5"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: --snr_gamma weighs DDPM timesteps"), err
 
 
 def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tiny_flux_path, training_images, tmp_path):

@@ -82,6 +82,21 @@ def _check_embedding_flags(args: argparse.Namespace) -> None:
         raise ArgumentError(f"--num_vectors must be 1-{MAX_VECTORS} (one prompt holds 75 tokens), not {args.num_vectors}")
     require_file("resume_from_embedding", args.resume_from_embedding)
     _check_resume_vectors(args)
+    _check_flow_model_flags(args)
+
+
+def _check_flow_model_flags(args: argparse.Namespace) -> None:
+    """`--snr_gamma` weighs DDPM timesteps; on a FLUX.1 or SD3 folder it is refused before the
+    model loads (`setup` refuses it for a hub id, known only once loaded)."""
+    from tinv_lib.models.architecture import ModelLoadError, of_folder
+
+    model = Path(args.pretrained_model_name_or_path)
+    try:
+        architecture = of_folder(model) if model.is_dir() else None
+    except ModelLoadError:
+        return  # the loader says what is wrong with it
+    if architecture is not None:
+        _refuse_snr_gamma_on_flow_models(args, architecture)
 
 
 def _check_resume_vectors(args: argparse.Namespace) -> None:
@@ -98,6 +113,12 @@ def _check_resume_vectors(args: argparse.Namespace) -> None:
         raise ArgumentError(f"--resume_from_checkpoint: {checkpoint.name} holds {max(counts)} vectors per text "
                             f"encoder; this run asks for --num_vectors {args.num_vectors}: pass --num_vectors "
                             f"{max(counts)} to resume it, or start a new --output_dir")
+
+
+def _refuse_snr_gamma_on_flow_models(args: argparse.Namespace, architecture) -> None:
+    if args.snr_gamma is not None and architecture.flow_matching:
+        raise ArgumentError(f"--snr_gamma weighs DDPM timesteps by their signal-to-noise ratio; this "
+                            f"{architecture.label} model is trained by flow matching, which has none: leave it out")
 
 
 class TextualInversionTask:
@@ -119,9 +140,7 @@ class TextualInversionTask:
         from tinv_lib.prompts.encoding import PromptEncoder
 
         self.family, self.model_info = family, model_info
-        if args.snr_gamma is not None and family.architecture.flow_matching:
-            raise TinvError(f"--snr_gamma weighs DDPM timesteps by their signal-to-noise ratio; this "
-                            f"{family.architecture.label} model is trained by flow matching, which has none: leave it out")
+        _refuse_snr_gamma_on_flow_models(args, family.architecture)
         self._check_name_is_not_a_word()
         self.prompt_encoder = PromptEncoder.from_pipeline(family.pipe)
         step = 0
