@@ -6,5 +6,7 @@ from here. Run from the repository root, where it imports as `testing` (pytest a
 
 * `tokenizer_build` - a genuine CLIP BPE tokenizer written in code, whose merges make every word
   of `COMMON_WORDS` (the toy world's words, template words) one token;
+* `tiny_flow`       - tiny FLUX.1 (dev, schnell) and SD3 pipelines, with a T5 Unigram tokenizer
+  built in code;
 * `tiny`            - tiny SD1, SD2 (v-prediction) and SDXL pipelines with random weights.
 """
