@@ -39,6 +39,19 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_lr: str, def
 def _add_data_arguments(parser: argparse.ArgumentParser, default_template: str) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--train_data_dir", help="folder of training images (.txt caption sidecars optional)")
+    data.add_argument("--dataset_name",
+                      help="train from a Hugging Face dataset instead: a hub id (read from the cache when offline), a "
+                           "save_to_disk folder, a folder or glob of parquet/arrow/jsonl/webdataset .tar files, or an "
+                           "image folder with metadata.jsonl")
+    data.add_argument("--dataset_config_name", help="the dataset's configuration (hub datasets that have several)")
+    data.add_argument("--dataset_split", default="train", help="the split to train on")
+    data.add_argument("--image_column", default="image", help="the dataset column holding the images")
+    data.add_argument("--caption_column", default="text",
+                      help="the dataset column holding the captions ([filewords]; '' for none)")
+    data.add_argument("--mask_column", help="the dataset column holding loss masks (white = the concept, black = not)")
+    data.add_argument("--cache_dir", help="where datasets keeps hub downloads and prepared data (default: its own cache)")
+    data.add_argument("--streaming", action="store_true",
+                      help="read --dataset_name step by step instead of loading it: for sets larger than the disk or RAM")
     data.add_argument("--template_file", default=default_template,
                       help=f"prompt template: a file path or one of {', '.join(BUILTIN_TEMPLATES)}")
     data.add_argument("--filename_word_regex", default="", help="regex whose matches in a file name form its caption (A1111)")

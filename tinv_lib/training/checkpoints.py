@@ -31,6 +31,7 @@ from tinv_lib.common.torch_files import safe_torch_load, save_a1111_pt
 from tinv_lib.common.training_folders import CHECKPOINT_MARKER, STATE_FILE
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+STREAM_FILE = "stream.json"  # with --streaming: the stream's position, the same on every process
 
 
 class CheckpointError(TinvError):
@@ -51,6 +52,7 @@ class CheckpointState:
     ema: tuple[dict[str, torch.Tensor], int] | None = None  # moving average and its update count
     batch: BatchShape | None = None  # how the global batch was made (None: a checkpoint from before it was kept)
     architecture: str | None = None  # the base model's ("sd1", "sdxl", ...; None: not recorded)
+    stream: dict | None = None  # with --streaming: where the stream stands (`StreamPlan.stream_state`)
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,8 @@ def save_checkpoint(output_dir: Path, state: CheckpointState, keep_last: int | N
         average, meta["ema_updates"] = state.ema
         with atomic_path(partial / "ema.safetensors") as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in average.items()}, str(tmp))
+    if state.stream is not None:
+        (partial / STREAM_FILE).write_text(json.dumps(state.stream, indent=1))
     (partial / STATE_FILE).write_text(json.dumps(meta, indent=1))
     if final.exists():
         stale = output_dir / f".checkpoint-{state.step}.stale-{os.getpid()}"
@@ -212,3 +216,9 @@ def read_state(path: Path) -> dict:
 def read_batch_shape(path: Path) -> BatchShape | None:
     """`batch_shape_of` a checkpoint folder, without loading its tensors (for the checks before the model loads)."""
     return batch_shape_of(read_state(path))
+
+
+def read_stream_state(path: Path) -> dict | None:
+    """The stream position a checkpoint folder holds (None: not trained from a stream)."""
+    stream = path / STREAM_FILE
+    return json.loads(stream.read_text()) if stream.is_file() else None

@@ -422,6 +422,14 @@ class BatchPlan:
         self.steps_per_epoch = self.micro_batches_per_epoch // self.accumulation
         self._epoch_cache: tuple[int, list[list[int]]] = (-1, [])
 
+    def describe(self) -> str:
+        """The plan for the run's opening line."""
+        return f"{len(self.sizes)} images, {self.steps_per_epoch} steps per epoch"
+
+    def stream_state(self) -> None:
+        """Nothing for a checkpoint: the batch order is a function of the step (`StreamPlan` has one)."""
+        return None
+
     def batch(self, micro_index: int) -> tuple[int, list[int]]:
         """(epoch, image indices of the global batch) for micro-batch number `micro_index`."""
         epoch, position = divmod(micro_index, self.micro_batches_per_epoch)

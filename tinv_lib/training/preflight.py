@@ -34,6 +34,14 @@ def check_training_arguments(args: argparse.Namespace) -> None:
     _check_paths(args)
     _check_resolution(args)
     _check_trackers(args)
+    _check_data_source(args)
+
+
+def _check_data_source(args: argparse.Namespace) -> None:
+    """A folder or a dataset (last: opening a dataset can take a while the first time)."""
+    from tinv_lib.training.datasets_source import check_data_source
+
+    check_data_source(args)
 
 
 def require_file(flag: str, value: str | None) -> None:
