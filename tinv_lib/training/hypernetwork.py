@@ -41,7 +41,7 @@ from tinv_lib.training.optimizers import sidecar_name
 from tinv_lib.training.preflight import require_file
 
 KIND = "hypernetwork"
-REQUIRED = ["pretrained_model_name_or_path", "train_data_dir", "hypernetwork_name"]
+REQUIRED = ["pretrained_model_name_or_path", "hypernetwork_name"]
 PROMPT_CACHE_BYTES = 512 * 2**20  # most recent prompt encodings kept (frozen text encoder)
 
 

@@ -34,7 +34,7 @@ from tinv_lib.training.preflight import require_file
 
 KIND = "textual_inversion"
 MAX_VECTORS = 75
-REQUIRED = ["pretrained_model_name_or_path", "train_data_dir", "placeholder_token"]
+REQUIRED = ["pretrained_model_name_or_path", "placeholder_token"]
 TRAIN_ENCODERS = ("all", *selectable_encoders())  # "all", then the encoder names some model has
 
 
