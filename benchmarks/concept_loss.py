@@ -3,7 +3,8 @@
 Tells whether a textual-inversion embedding that fails stopped short of what the model can do
 (its loss above the loss the words reach) or whether the loss does not reward the concept (the
 words no better). Diffusers' own pipeline loads the embedding, so multi-vector files expand as in
-use; the noise and timesteps are the same for every prompt (v- or eps-prediction, as the model says).
+use; the noise and timesteps are the same for every prompt, and the loss is the trainer's own
+(`tinv_lib.training.objective.denoising_loss`: v- or eps-prediction, as the model says).
 
     python benchmarks/concept_loss.py toy-s01 DATA_DIR EMBEDDING.safetensors \
         "a photo of an orange square on a checkered cyan background" "a photo of toy-s01"
@@ -13,6 +14,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+
+if __name__ == "__main__":  # as a script: set up before torch loads (benchmarks/_setup.py says why)
+    import _setup
+
+    _setup.prepare_script(HF_HUB_OFFLINE="1")
 
 import numpy as np
 import torch
@@ -31,20 +37,23 @@ def latents_of(pipe, data: Path) -> torch.Tensor:
 
 
 def quarter_losses(pipe, latents: torch.Tensor, prompt: str) -> list[float]:
+    """The training loss (`objective.denoising_loss`) of `prompt`, per timestep quarter."""
+    from tinv_lib.models.family import family_of
+    from tinv_lib.training.objective import denoising_loss
+
     ids = pipe.tokenizer([pipe.maybe_convert_prompt(prompt, pipe.tokenizer)], padding="max_length",
                          max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
     context = pipe.text_encoder(ids)[0].expand(len(latents), -1, -1)
-    scheduler, losses = pipe.scheduler, []
+    family, scheduler, losses = family_of(pipe), pipe.scheduler, []
+    sizes = [(latents.shape[-1], latents.shape[-2])] * len(latents)  # unused by SD1/SD2 UNets
     for low, high in QUARTERS:
         generator = torch.Generator().manual_seed(low)
         draws = []
         for _ in range(DRAWS):
             t = torch.randint(low, high, (len(latents),), generator=generator)
             noise = torch.randn(latents.shape, generator=generator)
-            target = (scheduler.get_velocity(latents, noise, t)
-                      if scheduler.config.prediction_type == "v_prediction" else noise)
-            predicted = pipe.unet(scheduler.add_noise(latents, noise, t), t, context).sample
-            draws.append(float(((predicted - target) ** 2).mean()))
+            loss = denoising_loss(family, scheduler, latents, noise, t, (context, None), sizes, pipe.unet.dtype)
+            draws.append(float(loss))
         losses.append(float(np.mean(draws)))
     return losses
 

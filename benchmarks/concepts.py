@@ -200,8 +200,9 @@ def write_data(concept: Concept, folder: Path, masks: bool, captions: bool = Fal
 def train(concept: Concept, model: Path, data: Path, output_dir: Path, extra_flags: Sequence[str],
           save_every: int) -> Training:
     """Train with the README recipe (plus `extra_flags`, which win); time every step."""
-    from tinv_lib.training.loop import TrainingHooks
     from tinv_lib.training.loop import train as run_training
+    from tinv_lib.training.runner import prepare_process
+    from tinv_lib.training.task import TrainingHooks
     from tinv_lib.training.textual_inversion import TextualInversionTask, parse_args
 
     argv = ["--pretrained_model_name_or_path", str(model), *RECIPE_FLAGS, "--train_data_dir", str(data),
@@ -212,9 +213,10 @@ def train(concept: Concept, model: Path, data: Path, output_dir: Path, extra_fla
     cpu, wall = {}, {}
     cpu_start, wall_start = time.process_time(), time.perf_counter()
 
-    def on_step(step: int) -> None:
-        cpu[step], wall[step] = time.process_time() - cpu_start, time.perf_counter() - wall_start
+    def on_step(report) -> None:
+        cpu[report.step], wall[report.step] = time.process_time() - cpu_start, time.perf_counter() - wall_start
 
+    prepare_process()
     if run_training(args, TextualInversionTask(args), hooks=TrainingHooks(on_step=on_step)) != 0:
         raise RuntimeError(f"training {concept.name} failed")
     intermediate = {int(p.stem.rsplit("-", 1)[1]): p for p in (output_dir / "embeddings").glob(f"{concept.name}-*.pt")}

@@ -8,5 +8,6 @@ from here. Run from the repository root, where it imports as `testing` (pytest a
   of `COMMON_WORDS` (the toy world's words, template words) one token;
 * `tiny_flow`       - tiny FLUX.1 (dev, schnell) and SD3 pipelines, with a T5 Unigram tokenizer
   built in code;
-* `tiny`            - tiny SD1, SD2 (v-prediction) and SDXL pipelines with random weights.
+* `tiny`            - tiny SD1, SD2 (v-prediction) and SDXL pipelines with random weights;
+* `evaluation`      - the denoising loss on one fixed batch (same noise and timesteps every time).
 """

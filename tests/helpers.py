@@ -57,3 +57,12 @@ def run_script(script: str, *args: str, cwd: Path = ROOT, timeout: float = 120) 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def run_training(args, task, hooks=None) -> int:
+    """`loop.train` as the scripts run it: after the process set-up their runner does first."""
+    from tinv_lib.training.loop import train
+    from tinv_lib.training.runner import prepare_process
+
+    prepare_process()
+    return train(args, task, hooks)

@@ -1,6 +1,7 @@
 """No lost work: flags are checked before the model loads, a failing preview only turns previews
 off, and any other failure inside the loop saves the training before the run ends."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,97 @@ def test_a_failure_inside_a_hypernetwork_step_saves_it_too(tiny_sd1_path, traini
     assert code == 1 and err[-1].startswith("error: training failed after step 2 (RuntimeError: injected failure)")
     assert load_hypernetwork(tmp_path / "hn.pt").step == 2
     assert load_checkpoint(tmp_path / "checkpoint-2", "hypernetwork").step == 2
+
+
+# ---------------------------------------------------------------- the crash path as a user sees it
+
+# The training script with a failure injected into the forward pass of step 4 (the 4th call of
+# `conditioning`) on the process whose RANK is FAIL_RANK; everything else is the real script.
+_FAILING_SCRIPT = """
+import os, sys
+from tinv_lib.training import textual_inversion
+
+original, calls = textual_inversion.TextualInversionTask.conditioning, [0]
+
+def conditioning(self, prompts):
+    calls[0] += 1
+    if calls[0] == 4 and os.environ.get("RANK", "0") == os.environ["FAIL_RANK"]:
+        raise RuntimeError("injected failure")
+    return original(self, prompts)
+
+textual_inversion.TextualInversionTask.conditioning = conditioning
+sys.exit(textual_inversion.main(sys.argv[1:]))
+"""
+NOISE = ("torchvision", "pip install", "kernels", "Writing model shards", "Traceback", "Connection closed", "gloo")
+
+
+def _crash_run(model: Path, data: Path, tmp_path: Path, processes: int, fail_rank: int) -> tuple[dict[int, str], str]:
+    """Run the failing script on `processes` processes (torchrun for 2): (each rank's output,
+    torchrun's own report)."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    script = tmp_path / "failing_train.py"
+    script.write_text(_FAILING_SCRIPT)
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    argv = train_argv(model, data, out, "--max_train_steps", "6", "--train_batch_size", "1", "--checkpointing_steps",
+                      "0")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "true", "FAIL_RANK": str(fail_rank)}
+    if processes == 1:
+        done = subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 1, done.stderr
+        return {0: done.stdout + done.stderr}, ""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--log-dir",
+                str(logs), "--redirects", "3"]
+    done = subprocess.run([*launcher, str(script), *argv], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    outputs = {}
+    for rank in range(processes):
+        files = [next(logs.rglob(f"attempt_0/{rank}/{stream}.log")) for stream in ("stdout", "stderr")]
+        outputs[rank] = "".join(path.read_text() for path in files)
+    return outputs, done.stdout + done.stderr
+
+
+def _lines(output: str) -> list[str]:
+    """What a person reads: every line, with progress bars (redrawn with \\r) left out."""
+    return [line for line in output.replace("\r", "\n").splitlines() if line.strip() and "it/s]" not in line
+            and "?it/s" not in line and "Loading pipeline components" not in line]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_crash_prints_the_one_error_line_and_nothing_else(processes, tiny_sd1_path, training_images, tmp_path):
+    """Every process ends with the same error line, naming the failure (not a peer's broken
+    connection) and the files the main process saved; no library noise, no traceback."""
+    outputs, _ = _crash_run(tiny_sd1_path, training_images, tmp_path, processes, fail_rank=processes - 1)
+    out = tmp_path / "out"
+    (log,) = out.glob("crash-*.log")
+    where = " on process 1" if processes == 2 else ""
+    expected = (f"error: training failed after step 3{where} (RuntimeError: injected failure); saved "
+                f"{out / 'my-thing.pt'}, {out / 'my-thing.safetensors'}, {out / 'checkpoint-3'}; traceback in {log}")
+    for rank, output in outputs.items():
+        lines = _lines(output)
+        assert lines[-1] == expected, (rank, output)
+        errors = [line for line in lines if "error" in line.lower() or "warn" in line.lower()]
+        assert errors == [expected], (rank, output)
+        assert not [noise for noise in NOISE if noise in output], (rank, output)
+
+
+def test_a_failure_on_another_process_is_saved_once_by_the_main_one(tiny_sd1_path, training_images, tmp_path):
+    """Rank 1 fails in step 4: the main process saves step 3 (embedding and checkpoint) once,
+    only the failing rank writes a traceback, and both processes exit non-zero after the save."""
+    outputs, launcher = _crash_run(tiny_sd1_path, training_images, tmp_path, 2, fail_rank=1)
+    failed = dict(re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\n\s*exitcode\s*:\s*(-?\d+)", launcher))
+    assert set(failed) == {"0", "1"} and "0" not in failed.values(), launcher  # torchrun lists every failed rank
+    out = tmp_path / "out"
+    assert load_embedding(out / "my-thing.pt").step == 3
+    assert load_checkpoint(out / "checkpoint-3", "textual_inversion").step == 3
+    assert [path.name for path in list_checkpoints(out)] == ["checkpoint-3"]
+    logs = list(out.glob("crash-*.log"))
+    assert len(logs) == 1 and logs[0].name.endswith("-rank1.log") and "injected failure" in logs[0].read_text()
+    for output in outputs.values():
+        assert f"saved {out / 'my-thing.pt'}" in _lines(output)[-1], output

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import train_argv
+from helpers import run_training, train_argv
 from PIL import Image, ImageDraw
 
 from tinv_lib.embeddings.formats import load_embedding
 from tinv_lib.training.data import MaskOptions, load_images
-from tinv_lib.training.textual_inversion import main
+from tinv_lib.training.task import TrainingHooks
+from tinv_lib.training.textual_inversion import TextualInversionTask, main, parse_args
 
 
 def _argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -50,31 +51,18 @@ def _dataset(folder: Path, right: str, count: int = 2, masks: bool = True) -> Pa
 
 
 @pytest.fixture
-def captured(monkeypatch):
-    """Every step's loss and the gradients of the trainables, taken from the real loop (the
-    gradient just before clipping and the optimizer step; the loss as logged)."""
-    from tinv_lib.training.logs import RunLogger
-
-    record = SimpleNamespace(losses=[], grads=[])
-    clip, log_step = torch.nn.utils.clip_grad_norm_, RunLogger.step
-
-    def clip_and_record(params, *args, **kwargs):
-        params = list(params)
-        record.grads.append([p.grad.detach().clone() for p in params])
-        return clip(params, *args, **kwargs)
-
-    def step_and_record(self, step, loss, *args, **kwargs):
-        record.losses.append(loss)
-        return log_step(self, step, loss, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_and_record)
-    monkeypatch.setattr(RunLogger, "step", step_and_record)
-    return record
+def captured():
+    """Where `_run` puts every step's loss (as logged) and the gradients of the trainables (just
+    before clipping and the optimizer step), observed through the loop's hooks."""
+    return SimpleNamespace(losses=[], grads=[])
 
 
 def _run(argv: list[str], record) -> tuple[list[float], list[list[torch.Tensor]]]:
     record.losses, record.grads = [], []
-    assert main(argv) == 0
+    hooks = TrainingHooks(on_step=lambda report: record.losses.append(report.loss),
+                          on_gradients=lambda step, grads: record.grads.append([g.detach().clone() for g in grads]))
+    args = parse_args(argv)
+    assert run_training(args, TextualInversionTask(args), hooks) == 0
     return record.losses, record.grads
 
 

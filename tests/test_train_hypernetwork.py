@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, frozen_state, train_argv
+from helpers import ROOT, frozen_state, run_training, train_argv
 
 from tinv_lib.hypernetworks import load_hypernetwork
 from tinv_lib.models.loading import load_base_model
 from tinv_lib.training.checkpoints import list_checkpoints
 from tinv_lib.training.hypernetwork import HypernetworkTask, main, parse_args
-from tinv_lib.training.loop import TrainingHooks, train
+from tinv_lib.training.task import TrainingHooks
 
 OFF = ("validation", "report", "save")  # checkpoints stay at the trainer's default unless a test says
 
@@ -28,8 +28,8 @@ def _argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
 def test_hypernetwork_learns_and_leaves_the_base_model_untouched(arch, request, training_images, tmp_path):
+    from testing.evaluation import fixed_batch_loss
     from tinv_lib.training.data import load_images
-    from tinv_lib.training.evaluation import fixed_batch_loss
 
     model = request.getfixturevalue(f"tiny_{arch}_path")
     before = frozen_state(load_base_model(model)[0])
@@ -43,7 +43,7 @@ def test_hypernetwork_learns_and_leaves_the_base_model_untouched(arch, request, 
     def measure(run) -> None:
         losses["start"] = fixed_batch_loss(run.family, pixels, task.conditioning, ["picture"] * 4, seed=5, repeats=8)
 
-    assert train(args, task, TrainingHooks(on_start=measure)) == 0
+    assert run_training(args, task, TrainingHooks(on_start=measure)) == 0
     losses["end"] = fixed_batch_loss(task.family, pixels, task.conditioning, ["picture"] * 4, seed=5, repeats=8)
     print(f"{arch} fixed-batch loss: {losses['start']:.5f} -> {losses['end']:.5f}")
     assert losses["end"] < losses["start"]

@@ -1,5 +1,6 @@
 """train_textual_inversion.py on tiny models: frozen vocabulary, learning, exact resume, signals."""
 
+import math
 import os
 import re
 import signal
@@ -10,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import frozen_state, train_argv
+from helpers import frozen_state, run_training, train_argv
 
 from tinv_lib.embeddings.formats import load_embedding
 from tinv_lib.models.loading import load_base_model
 from tinv_lib.training.checkpoints import list_checkpoints
-from tinv_lib.training.loop import TrainingHooks, train
+from tinv_lib.training.task import TrainingHooks
 from tinv_lib.training.textual_inversion import TextualInversionTask, main, parse_args
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +34,7 @@ def test_only_the_new_vectors_train(arch, request, training_images, tmp_path):
     args = parse_args(_argv(model, training_images, tmp_path, "--max_train_steps", "4", "--learning_rate", "0.05",
                             "--checkpointing_steps", "0", "--save_steps", "0"))
     task = TextualInversionTask(args)
-    assert train(args, task) == 0
+    assert run_training(args, task) == 0
     after = frozen_state(task.family.pipe)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[key], after[key].cpu()) for key in before), "a frozen weight changed"
@@ -58,7 +59,7 @@ def test_sdxl_trains_one_encoders_vectors_alone(trained, tiny_sdxl_path, trainin
     args = parse_args(_argv(tiny_sdxl_path, training_images, tmp_path, "--max_train_steps", "3", "--learning_rate",
                             "0.05", "--train_encoders", trained))
     task = TextualInversionTask(args)
-    assert train(args, task) == 0
+    assert run_training(args, task) == 0
     family = task.family
     init = create_embedding_vectors(family, "a red tree", 3)
     saved = load_embedding(tmp_path / "my-thing.safetensors").vectors
@@ -76,8 +77,8 @@ def test_train_encoders_on_a_one_encoder_model_is_refused(tiny_sd1_path, trainin
 
 
 def test_fixed_batch_loss_drops_after_100_steps(tiny_sd1_path, training_images, tmp_path):
+    from testing.evaluation import fixed_batch_loss
     from tinv_lib.training.data import load_images
-    from tinv_lib.training.evaluation import fixed_batch_loss
 
     args = parse_args(_argv(tiny_sd1_path, training_images, tmp_path, "--max_train_steps", "100",
                             "--learning_rate", "0.02", "--checkpointing_steps", "0", "--save_steps", "0",
@@ -95,7 +96,7 @@ def test_fixed_batch_loss_drops_after_100_steps(tiny_sd1_path, training_images, 
 
     losses = {}
     hooks = TrainingHooks(on_start=lambda run: losses.setdefault("start", loss_now()))
-    assert train(args, task, hooks) == 0
+    assert run_training(args, task, hooks) == 0
     losses["end"] = loss_now()
     print(f"fixed-batch loss: step 0 {losses['start']:.5f} -> step 100 {losses['end']:.5f}")
     assert losses["end"] < losses["start"]
@@ -251,11 +252,17 @@ def test_config_file_supplies_flags_and_command_line_wins(tiny_sd1_path, trainin
 
 
 def test_nan_rollback_returns_to_the_last_checkpoint_then_gives_up(tiny_sd1_path, training_images, tmp_path, capsys):
-    code = main(_argv(tiny_sd1_path, training_images, tmp_path, "--learning_rate", "0.001:3, 1e30:4, 0.001",
-                      "--max_train_steps", "6", "--checkpointing_steps", "3", "--save_steps", "0", "--on_nan", "rollback"))
+    args = parse_args(_argv(tiny_sd1_path, training_images, tmp_path, "--learning_rate", "0.001:3, 1e30:4, 0.001",
+                            "--max_train_steps", "6", "--checkpointing_steps", "3", "--save_steps", "0",
+                            "--on_nan", "rollback"))
+    reports = []
+    code = run_training(args, TextualInversionTask(args), TrainingHooks(on_step=reports.append))
     out = capsys.readouterr().err
     assert out.count("rolled back to step 3, learning rate now x") == 10
     assert code == 3 and "rolled back 10 times" in out
+    rolled = [report for report in reports if report.rolled_back]  # the hooks see every rollback
+    assert [r.step for r in rolled] == [3] * 10 and not any(math.isfinite(r.loss) for r in rolled)
+    assert [r.lr for r in rolled] == [0.001 * 0.5 ** n for n in range(10)]  # each rollback halves the rate
     assert torch.isfinite(load_embedding_vectors(tmp_path / "checkpoint-3")).all()
 
 

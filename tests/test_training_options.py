@@ -8,14 +8,14 @@ import csv
 
 import pytest
 import torch
-from helpers import train_argv
+from helpers import run_training, train_argv
 
 from tinv_lib.embeddings.formats import load_embedding
 from tinv_lib.training.batches import SampleSettings, build_micro_batch
 from tinv_lib.training.data import TrainingImage
-from tinv_lib.training.loop import TrainingHooks, train
 from tinv_lib.training.objective import min_snr_weights
 from tinv_lib.training.preflight import ArgumentError
+from tinv_lib.training.task import TrainingHooks
 from tinv_lib.training.textual_inversion import TextualInversionTask, parse_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,7 +29,7 @@ def _run(model, data, out, *extra, hooks=None, hypernetwork=False, name="my-thin
         (parse_args, TextualInversionTask, "0.05")
     args = parse(train_argv(model, data, out, "--learning_rate", rate, "--train_batch_size", "2", *extra,
                             name=name, hypernetwork=hypernetwork))
-    return train(args, task(args), hooks)
+    return run_training(args, task(args), hooks)
 
 
 def _vectors(path) -> torch.Tensor:
@@ -170,7 +170,7 @@ def test_ema_equals_the_closed_form_and_save_ema_saves_it(tiny_sd1_path, trainin
     decay, history = 0.6, []
     run_of = {}
 
-    def on_step(step: int) -> None:
+    def on_step(report) -> None:
         history.append(run_of["run"].task.state_tensors()["emb_params"].detach().clone().cpu())
 
     hooks = TrainingHooks(on_start=lambda run: (run_of.update(run=run),

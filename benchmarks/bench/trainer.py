@@ -93,8 +93,10 @@ class Trainer:
         return argv + ["--hypernetwork_name", PLACEHOLDER]
 
     def run(self, on_step: Callable[[int], None]) -> _OptionsTask:
-        """One training run with `on_step` as the loop's step hook; returns the task."""
-        from tinv_lib.training.loop import TrainingHooks, train
+        """One training run with `on_step` called with each step reached; returns the task."""
+        from tinv_lib.training.loop import train
+        from tinv_lib.training.runner import prepare_process
+        from tinv_lib.training.task import TrainingHooks
 
         if self.job.task == "ti":
             from tinv_lib.training.textual_inversion import TextualInversionTask as Task
@@ -106,8 +108,9 @@ class Trainer:
         output = Path(self.job.workdir) / f"out-{self.job.task}-{os.getpid()}-{self.runs}"
         args = parse_args(self._argv(output))
         task = _OptionsTask(Task(args), self.job.options)
+        prepare_process()
         with quiet():
-            code = train(args, task, TrainingHooks(on_start=self._started, on_step=on_step))
+            code = train(args, task, TrainingHooks(on_start=self._started, on_step=lambda report: on_step(report.step)))
         if code != 0:
             raise RuntimeError(f"{self.job.task}: training ended with exit code {code}")
         return task

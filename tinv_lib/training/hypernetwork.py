@@ -185,13 +185,10 @@ class HypernetworkTask:
     def preview(self, family, request) -> list:
         """Preview images with the hypernetwork at multiplier 1 (it is installed on the UNet)."""
         from tinv_lib.generation.txt2img import generate
-        from tinv_lib.training.loop import save_previews
 
         r = request
-        pictures = generate(family.pipe, r.prompt, r.negative, seed=r.seed, steps=r.steps, cfg_scale=r.cfg_scale,
-                            width=r.size[0], height=r.size[1], batch_size=r.count, encoder=self.prompt_encoder).images
-        save_previews(pictures, r.output_dir, self.name, r.step)
-        return pictures
+        return generate(family.pipe, r.prompt, r.negative, seed=r.seed, steps=r.steps, cfg_scale=r.cfg_scale,
+                        width=r.size[0], height=r.size[1], batch_size=r.count, encoder=self.prompt_encoder).images
 
 
 def _matching_optimizer_state(path: str, optimizer: str) -> dict | None:
@@ -218,6 +215,6 @@ def _stack_padded(items: list[torch.Tensor]) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `train_hypernetwork.py`."""
-    from tinv_lib.training.loop import run_script
+    from tinv_lib.training.runner import run_script
 
     return run_script(parse_args, HypernetworkTask, argv)

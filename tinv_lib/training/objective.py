@@ -1,4 +1,4 @@
-"""What the loss is: the per-sample weighting of the denoising loss (min-SNR-γ).
+"""What the loss is: the denoising loss (`denoising_loss`) and its per-sample weighting (min-SNR-γ).
 
 The loop's loss is the mean squared error between the UNet's prediction and the training target
 (noise for eps models, velocity for v models). Min-SNR-γ (Hang et al. 2023, the diffusers
@@ -39,3 +39,26 @@ def sample_weights(scheduler, timesteps: torch.Tensor, snr_gamma: float | None) 
     if snr_gamma is None:
         return None
     return min_snr_weights(scheduler, timesteps, snr_gamma)
+
+
+def denoising_loss(family, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                   conditioning: tuple[torch.Tensor, torch.Tensor | None], sizes: list[tuple[int, int]],
+                   dtype: torch.dtype, pixel_weights: torch.Tensor | None = None,
+                   snr_gamma: float | None = None) -> torch.Tensor:
+    """The loss itself, the one implementation training, validation and evaluation share: the
+    MSE between the UNet's prediction for the noised latents and the family's training target
+    (noise or velocity), weighted per latent pixel (`pixel_weights` [B, H, W]: masks, alpha) and,
+    with `snr_gamma`, per sample.
+
+    `conditioning` is (hidden states, SDXL pooled embeds); `sizes` the images' (width, height);
+    the UNet runs in `dtype`, the loss in float32."""
+    import torch.nn.functional as F
+
+    prediction, target = family.prediction_and_target(scheduler, latents, noise, timesteps, conditioning, sizes, dtype)
+    per_element = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    if pixel_weights is not None:
+        per_element = per_element * pixel_weights[:, None]
+    per_sample = sample_weights(scheduler, timesteps, snr_gamma)
+    if per_sample is not None:
+        per_element = per_element * per_sample[:, None, None, None]
+    return per_element.mean()

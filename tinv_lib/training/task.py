@@ -2,8 +2,9 @@
 
 `TrainingTask` is everything the loop asks of a trainer (textual inversion and hypernetworks
 are the two); `TrainingRun` is a run once set up, as the loop's stages share it and as
-`TrainingHooks` receive it. Tests and benchmarks observe a run through the hooks instead of
-patching the loop's functions.
+`TrainingHooks` receive it: what set-up fixed (frozen) and its `RunProgress` (the few fields that
+change per step). Hooks get a `StepReport` after each step, so tests and benchmarks observe a
+run without patching the loop's functions or torch.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -21,7 +22,17 @@ from tinv_lib.training.checkpoints import BatchShape
 from tinv_lib.training.data import BatchPlan, TrainingImage
 from tinv_lib.training.ema import ExponentialMovingAverage
 from tinv_lib.training.logs import RunLogger
-from tinv_lib.training.lr_schedule import ScheduleString
+from tinv_lib.training.lr_schedule import ScheduleString, StandardSchedule
+
+if TYPE_CHECKING:
+    import argparse
+
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from diffusers import SchedulerMixin
+
+    from tinv_lib.models.family import ModelFamily
+    from tinv_lib.models.loading import ModelInfo
 
 
 @dataclass
@@ -71,7 +82,18 @@ class TrainingTask(Protocol):
         """Report on what `save_files` just wrote (main process only; may do nothing)."""
 
     def preview(self, family, request: PreviewRequest) -> list:
-        """Render preview images with the current state; return PIL images."""
+        """Render preview images with the current state; return PIL images (the loop saves them)."""
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one optimizer step did, as the loss CSV records it: what hooks observe."""
+
+    step: int  # the step reached (after a rollback: the step rolled back to)
+    loss: float  # mean over the step's micro-batches and processes
+    lr: float  # the rate the step was taken at (after NaN rollbacks halved it)
+    grad_norm: float  # before clipping; NaN for a rolled-back step
+    rolled_back: bool = False  # the loss was not finite: the step was undone (`--on_nan rollback`)
 
 
 @dataclass
@@ -79,18 +101,34 @@ class TrainingHooks:
     """Observers for benchmarks, tests and notebooks: called with the run, they change nothing by themselves."""
 
     on_start: Callable[[TrainingRun], None] | None = None  # once, after set-up and resume, before step 1
-    on_step: Callable[[int], None] | None = None  # after every optimizer step, with the step reached
+    on_step: Callable[[StepReport], None] | None = None  # after every optimizer step and every rollback
+    # every step, before clipping and the optimizer step: the step about to be taken and the
+    # trainables' gradients (read-only; the loop's own tensors, not copies)
+    on_gradients: Callable[[int, list[torch.Tensor]], None] | None = None
 
 
 @dataclass
-class TrainingRun:
-    """A run once set up: the model, the data, the optimizer and where the run stands."""
+class RunProgress:
+    """Where a run stands: the only state that changes from step to step."""
 
-    args: Any
+    step: int
+    snapshot: tuple = ()  # (step, trainable tensors, optimizer state, moving average) of the last good step
+    lr_multiplier: float = 1.0  # halved by every NaN rollback
+    rollbacks: int = 0
+    previews_on: bool = True  # off for good once a preview failed
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """A run once set up: the model, the data, the optimizer and the schedules, fixed for the
+    whole run (the objects inside, e.g. the optimizer, keep their own state); `progress` is where
+    the run stands."""
+
+    args: argparse.Namespace
     task: TrainingTask
-    accelerator: Any
-    family: Any
-    model_info: Any
+    accelerator: Accelerator
+    family: ModelFamily
+    model_info: ModelInfo
     weight_dtype: torch.dtype
     output_dir: Path
     images: list[TrainingImage]
@@ -98,19 +136,15 @@ class TrainingRun:
     batch: int  # images per process and micro-batch
     samples: SampleSettings
     params: list[torch.nn.Parameter]
-    optimizer: Any
-    schedule: Any
+    optimizer: AcceleratedOptimizer
+    schedule: ScheduleString | StandardSchedule
     clip_norm: ScheduleString | None
     clip_value: ScheduleString | None
-    noise_scheduler: Any
+    noise_scheduler: SchedulerMixin
     logger: RunLogger
     start_step: int  # where this run's schedules started (kept across checkpoint resumes)
-    step: int
     end_step: int
-    snapshot: tuple = ()  # (step, trainable tensors, optimizer state) of the last good step
-    lr_multiplier: float = 1.0  # halved by every NaN rollback
-    rollbacks: int = 0
-    previews_on: bool = True
+    progress: RunProgress
     ema: ExponentialMovingAverage | None = None  # `--ema_decay`
     validation: list[MicroBatch] = field(default_factory=list)  # held-out images at fixed noise and timesteps
     resumed_from: Path | None = None  # the checkpoint this run resumed from (never pruned)
@@ -132,15 +166,19 @@ class TrainingRun:
     def rank(self) -> int:
         return self.accelerator.process_index
 
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
     def take_snapshot(self) -> None:
         """Remember this step as the one a NaN rolls back to."""
         tensors = {key: value.clone() for key, value in self.task.state_tensors().items()}
         ema = self.ema.state() if self.ema else None
-        self.snapshot = (self.step, tensors, copy.deepcopy(self.optimizer.state_dict()), ema)
+        self.progress.snapshot = (self.step, tensors, copy.deepcopy(self.optimizer.state_dict()), ema)
 
     def restore_snapshot(self) -> None:
         """Back to the step `take_snapshot` remembered: trainables, optimizer, moving average."""
-        self.step, tensors, optimizer_state, ema = self.snapshot
+        self.progress.step, tensors, optimizer_state, ema = self.progress.snapshot
         self.task.load_state_tensors(tensors)
         self.optimizer.load_state_dict(copy.deepcopy(optimizer_state))
         if ema is not None:

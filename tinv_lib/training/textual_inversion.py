@@ -283,18 +283,16 @@ class TextualInversionTask:
                 print(line, file=sys.stderr)
 
     def preview(self, family, request) -> list:
-        """Preview images (`images/<name>-<step>.png`) and PNG embeddings carrying the current
-        vectors on the first preview (`image_embeddings/<name>-<step>.png`)."""
+        """Preview images (the loop saves them as `images/<name>-<step>.png`) and a PNG embedding
+        carrying the current vectors on the first one (`image_embeddings/<name>-<step>.png`)."""
         from tinv_lib.embeddings.image_embed import save_png_embedding
         from tinv_lib.generation.txt2img import generate
-        from tinv_lib.training.loop import save_previews
 
         r = request
         embedding = self.current_embedding(r.step, detached=True)
         pictures = generate(family.pipe, r.prompt, r.negative, seed=r.seed, steps=r.steps, cfg_scale=r.cfg_scale,
                             width=r.size[0], height=r.size[1], batch_size=r.count, embeddings={self.name: embedding},
                             encoder=self.prompt_encoder).images
-        save_previews(pictures, r.output_dir, self.name, r.step)
         embedding.name = f"{self.name}-{r.step}"
         save_png_embedding(embedding, r.output_dir / "image_embeddings" / f"{self.name}-{r.step}.png", image=pictures[0])
         return pictures
@@ -302,6 +300,6 @@ class TextualInversionTask:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `train_textual_inversion.py`."""
-    from tinv_lib.training.loop import run_script
+    from tinv_lib.training.runner import run_script
 
     return run_script(parse_args, TextualInversionTask, argv)

@@ -1,0 +1,178 @@
+"""A run's set-up: everything `loop.train` needs before step 1, built once into a `TrainingRun`.
+
+In order: accelerate (the entry point cleared its process-wide state: `runner.prepare_process`),
+the frozen model, the task's trainables, the images with their latents cached, the batch plan,
+the optimizer, resuming (a checkpoint, or the optimizer state saved with a resumed file), the
+learning-rate and clipping schedules, the moving average, the held-out validation batches; then
+the start of the run is announced (`banner`).
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tinv_lib.common.errors import TinvError
+from tinv_lib.training import checkpoints as ckpt
+from tinv_lib.training.banner import announce
+from tinv_lib.training.batches import SampleSettings
+from tinv_lib.training.data import (
+    BatchPlan,
+    MaskOptions,
+    build_prompt,
+    encode_latents,
+    load_images,
+    load_template,
+)
+from tinv_lib.training.ema import ExponentialMovingAverage
+from tinv_lib.training.frozen_model import load_frozen_model
+from tinv_lib.training.logs import RunLogger
+from tinv_lib.training.lr_schedule import ScheduleString
+from tinv_lib.training.optimizers import build_optimizer
+from tinv_lib.training.task import RunProgress, TrainingRun, TrainingTask
+from tinv_lib.training.validation import split_off, validation_batches
+
+
+def set_up(args, task: TrainingTask) -> TrainingRun:
+    """Model, data, optimizer, resume, schedules and the run's announcement, in that order."""
+    from accelerate.utils import set_seed
+
+    started = time.perf_counter()  # the closing line says how long the whole run took
+    accelerator = _fresh_accelerator(args.mixed_precision)
+    device, weight_dtype = accelerator.device, _weight_dtype(accelerator.mixed_precision)
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        ckpt.remove_partial_files(output_dir)
+    family, model_info = load_frozen_model(args.pretrained_model_name_or_path, args.model_config, device,
+                                           weight_dtype, args.gradient_checkpointing)
+    file_step = task.setup(family, model_info, args, device)
+    images, held_out, templates, messages = _load_data(args, task, family, model_info, device)
+    world, noise_scheduler = accelerator.num_processes, family.noise_scheduler()
+    batch = min(args.train_batch_size, max(1, len(images) // world))
+    plan = BatchPlan([im.size for im in images], batch * world, args.gradient_accumulation_steps, args.seed)
+    params = task.parameters()
+    optimizer = build_optimizer(params, args)
+    resumed = _resume(args, task, optimizer, output_dir, file_step)
+    optimizer = accelerator.prepare(optimizer)
+    if resumed.scaler is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(resumed.scaler)
+    schedule = args.learning_rate.resumed_at(resumed.start_step)  # parsed with the command line
+    samples = _sample_settings(args, task, family, templates, noise_scheduler)
+    run = TrainingRun(
+        args=args, task=task, accelerator=accelerator, family=family, model_info=model_info,
+        weight_dtype=weight_dtype, output_dir=output_dir, images=images, plan=plan, batch=batch, samples=samples,
+        params=params, optimizer=optimizer, schedule=schedule,
+        clip_norm=_clip_schedule(args.max_grad_norm, resumed.start_step),
+        clip_value=_clip_schedule(args.clip_grad_value, resumed.start_step),
+        noise_scheduler=noise_scheduler,
+        logger=RunLogger(output_dir, task.kind, args, accelerator.is_main_process, plan.steps_per_epoch,
+                         resume_step=resumed.step if resumed.checkpoint else None, started=started),
+        start_step=resumed.start_step, end_step=min(args.max_train_steps, schedule.end_step),
+        progress=RunProgress(step=resumed.step, previews_on=bool(args.validation_steps)),
+        ema=_moving_average(args, task, resumed), resumed_from=resumed.checkpoint,
+        validation=validation_batches(held_out, templates[0], task.name, samples.timesteps[1], family.latent_scale),
+    )
+    if run.is_main:
+        announce(run, messages, file_step, resumed.checkpoint)
+        if resumed.batch is not None and resumed.batch.size != run.batch_shape.size:
+            print(f"notice: {resumed.checkpoint.name} was trained with a global batch of {resumed.batch.describe()}; "
+                  f"this run's is {run.batch_shape.describe()}: from step {run.step} on, the data order differs "
+                  "from the uninterrupted run's")
+    return run
+
+
+def _sample_settings(args, task: TrainingTask, family, templates: list[str], noise_scheduler) -> SampleSettings:
+    """What the samples depend on besides the images; the timestep range checked against the model."""
+    last = noise_scheduler.config.num_train_timesteps
+    if args.max_timestep is not None and args.max_timestep > last:
+        raise TinvError(f"--max_timestep {args.max_timestep}: this model has {last} timesteps")
+    if args.min_timestep >= (args.max_timestep or last):
+        raise TinvError(f"--min_timestep {args.min_timestep}: this model has {last} timesteps")
+    return SampleSettings(args.seed, templates, task.name, args.shuffle_tags, args.tag_dropout, args.flip_p,
+                          args.latent_sampling, family.latent_scale, (args.min_timestep, args.max_timestep or last),
+                          args.noise_offset, args.caption_dropout)
+
+
+def _moving_average(args, task: TrainingTask, resumed: _Resumed) -> ExponentialMovingAverage | None:
+    """`--ema_decay`: the average continues the checkpoint's, or starts at the current weights."""
+    if args.ema_decay is None:
+        return None
+    ema = ExponentialMovingAverage(task.state_tensors(), args.ema_decay)
+    if resumed.ema is not None:
+        ema.load_state(*resumed.ema)
+    elif resumed.checkpoint is not None:
+        print(f"notice: {resumed.checkpoint} holds no moving average; it starts at step {resumed.step}", file=sys.stderr)
+    return ema
+
+
+def _fresh_accelerator(mixed_precision: str | None):
+    """An `Accelerator` that follows this run's flags and environment (the entry point cleared
+    accelerate's process-wide state first: `runner.prepare_process`)."""
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+def _weight_dtype(mixed_precision: str) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def _load_data(args, task: TrainingTask, family, model_info, device):
+    """(training images and held-out images, with their latents cached; template lines; messages)."""
+    templates = load_template(args.template_file)
+    images, skipped, notices = _read_images(args, family, Path(args.train_data_dir))
+    held_out = []
+    if args.validation_data_dir:
+        held_out, more_skipped, _ = _read_images(args, family, Path(args.validation_data_dir))
+        skipped += more_skipped
+    elif args.validation_split:
+        images, held_out = split_off(images, args.validation_split, args.seed)
+    task.check_prompts([build_prompt(t, im.caption, task.name, random.Random(0), False, 0.0) for im in images for t in templates])
+    flips = (False, True) if args.flip_p > 0 else (False,)
+    cache_dir = Path(args.latent_cache_dir) if args.latent_cache_dir else None
+    encode_latents(images, family.vae, flips, device, torch.float32, cache_dir, model_info.short_hash)
+    encode_latents(held_out, family.vae, (False,), device, torch.float32, cache_dir, model_info.short_hash)
+    if args.offload_vae:
+        family.vae.to("cpu")
+    messages = [f"skipped {line}" for line in skipped] + [f"notice: {line}" for line in notices]
+    return images, held_out, templates, messages
+
+
+def _read_images(args, family, folder: Path):
+    masks = MaskOptions(Path(args.mask_dir) if args.mask_dir else None, args.unmasked_weight)
+    return load_images(folder, args.resolution, family.size_multiple, args.aspect_mode, args.use_alpha_as_loss_weight,
+                       family.latent_factor, args.filename_word_regex, args.filename_join_string, masks)
+
+
+@dataclass
+class _Resumed:
+    checkpoint: Path | None  # the checkpoint resumed from, if any
+    step: int
+    start_step: int
+    scaler: dict | None = None
+    ema: tuple[dict, int] | None = None  # (average, updates)
+    batch: ckpt.BatchShape | None = None  # the global batch the checkpoint was trained with
+
+
+def _resume(args, task: TrainingTask, optimizer, output_dir: Path, file_step: int) -> _Resumed:
+    """Load the checkpoint `--resume_from_checkpoint` names into the task and the optimizer;
+    without one, the optimizer state saved with a resumed file (if the task read one)."""
+    path = ckpt.resolve_checkpoint(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
+    if path is None:
+        if task.optimizer_state:
+            optimizer.load_state_dict(task.optimizer_state)
+        return _Resumed(None, file_step, file_step)
+    state = ckpt.load_checkpoint(path, task.kind, expected=task.state_tensors())
+    task.load_state_tensors(state.tensors)
+    optimizer.load_state_dict(state.optimizer)
+    return _Resumed(path, state.step, state.start_step, state.scaler, state.ema, state.batch)
+
+
+def _clip_schedule(schedule: ScheduleString | None, start_step: int) -> ScheduleString | None:
+    return schedule.resumed_at(start_step) if schedule else None
