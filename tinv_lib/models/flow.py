@@ -87,7 +87,7 @@ def prediction_and_target(pipe, flow_model: str, latents: torch.Tensor, noise: t
     `shift_factor` is taken off here."""
     vae = pipe.vae.config
     latents = latents - vae.shift_factor * vae.scaling_factor
-    batch, _, height, width = latents.shape
+    height, width = latents.shape[-2:]
     image_tokens = (height // 2) * (width // 2)
     sigmas = noise_levels(timesteps.cpu(), pipe.scheduler.config, image_tokens).to(latents.device)
     noisy = (1.0 - sigmas[:, None, None, None]) * latents + sigmas[:, None, None, None] * noise
