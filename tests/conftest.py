@@ -17,9 +17,14 @@ import pytest  # noqa: E402
 
 
 def _saved_tiny(tmp_path_factory: pytest.TempPathFactory, arch: str) -> Path:
+    """Built as quietly as the trainers run: without this, the libraries' install advice and a
+    "Writing model shards" bar land in the output of whichever test builds the model first."""
     from testing.tiny import save_tiny_pipeline
+    from tinv_lib.common.quiet import quiet_transformers_loading, silence_known_noise
 
-    return save_tiny_pipeline(arch, tmp_path_factory.mktemp(f"tiny-{arch}") / "model")
+    silence_known_noise()
+    with quiet_transformers_loading():
+        return save_tiny_pipeline(arch, tmp_path_factory.mktemp(f"tiny-{arch}") / "model")
 
 
 @pytest.fixture(scope="session")
