@@ -202,3 +202,25 @@ def test_two_processes_train_as_one(tiny_flux_path, training_images, tmp_path):
         vectors[processes] = load_embedding(out / "my-thing.safetensors").vectors
     for key in ("clip_l", "t5"):
         assert torch.allclose(vectors[1][key], vectors[2][key], atol=1e-6, rtol=0), key
+
+
+def test_loss_masks_weigh_the_flow_loss(tiny_sd3_path, training_images, tmp_path):
+    """Masks reach the flow-matching loss: left-half masks change what trains, and the same masks
+    with --unmasked_weight 1 (every pixel weighs 1) train exactly as no masks."""
+    from PIL import Image
+
+    masked = tmp_path / "masked"
+    shutil.copytree(training_images, masked)
+    for image in list(masked.glob("*.png")):
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, (0, 0, 32, 64))
+        mask.save(masked / f"{image.stem}-masklabel.png")
+    trained = {}
+    for name, data, extra in (("plain", training_images, ()), ("masked", masked, ()),
+                              ("weight-1", masked, ("--unmasked_weight", "1"))):
+        args = parse_args(_argv(tiny_sd3_path, data, tmp_path / name, "--max_train_steps", "2", "--learning_rate",
+                                "0.05", *extra))
+        assert run_training(args, TextualInversionTask(args)) == 0
+        trained[name] = load_embedding(tmp_path / name / "my-thing.safetensors").vectors
+    assert all(torch.equal(trained["plain"][key], trained["weight-1"][key]) for key in trained["plain"])
+    assert not torch.equal(trained["plain"]["clip_g"], trained["masked"]["clip_g"])
