@@ -31,6 +31,6 @@ def announce(run: TrainingRun, messages: list[str], file_step: int, checkpoint: 
         print(f"no checkpoint in {run.output_dir}: starting at step {run.step}")
     for line in run.schedule.describe():
         print(line)
-    print(f"***** {task.kind}: {len(run.images)} images, {run.plan.steps_per_epoch} steps per epoch, "
+    print(f"***** {task.kind}: {run.plan.describe()}, "
           f"batch {run.batch} x {accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation, "
           f"steps {run.step} -> {run.end_step}, {accelerator.mixed_precision} precision on {run.device} *****")

@@ -29,6 +29,7 @@ from tinv_lib.training.data import (
     load_images,
     load_template,
 )
+from tinv_lib.training.datasets_source import DatasetSpec, image_settings, load_dataset_images, open_stream
 from tinv_lib.training.ema import ExponentialMovingAverage
 from tinv_lib.training.frozen_model import load_frozen_model
 from tinv_lib.training.logs import RunLogger
@@ -53,9 +54,8 @@ def set_up(args, task: TrainingTask) -> TrainingRun:
                                            weight_dtype, args.gradient_checkpointing)
     file_step = task.setup(family, model_info, args, device)
     images, held_out, templates, messages = _load_data(args, task, family, model_info, device)
-    world, noise_scheduler = accelerator.num_processes, family.noise_scheduler()
-    batch = min(args.train_batch_size, max(1, len(images) // world))
-    plan = BatchPlan([im.size for im in images], batch * world, args.gradient_accumulation_steps, args.seed)
+    noise_scheduler = family.noise_scheduler()
+    images, plan, batch = _batch_plan(args, images, family, device, accelerator)
     params = task.parameters()
     optimizer = build_optimizer(params, args)
     resumed = _resume(args, task, optimizer, output_dir, file_step)
@@ -126,14 +126,15 @@ def _weight_dtype(mixed_precision: str) -> torch.dtype:
 def _load_data(args, task: TrainingTask, family, model_info, device):
     """(training images and held-out images, with their latents cached; template lines; messages)."""
     templates = load_template(args.template_file)
-    images, skipped, notices = _read_images(args, family, Path(args.train_data_dir))
+    images, skipped, notices = _read_training_images(args, family)
     held_out = []
     if args.validation_data_dir:
         held_out, more_skipped, _ = _read_images(args, family, Path(args.validation_data_dir))
         skipped += more_skipped
     elif args.validation_split:
         images, held_out = split_off(images, args.validation_split, args.seed)
-    task.check_prompts([build_prompt(t, im.caption, task.name, random.Random(0), False, 0.0) for im in images for t in templates])
+    if images:  # a stream's captions are read step by step
+        task.check_prompts([build_prompt(t, im.caption, task.name, random.Random(0), False, 0.0) for im in images for t in templates])
     flips = (False, True) if args.flip_p > 0 else (False,)
     cache_dir = Path(args.latent_cache_dir) if args.latent_cache_dir else None
     encode_latents(images, family.vae, flips, device, torch.float32, cache_dir, model_info.short_hash)
@@ -142,6 +143,27 @@ def _load_data(args, task: TrainingTask, family, model_info, device):
         family.vae.to("cpu")
     messages = [f"skipped {line}" for line in skipped] + [f"notice: {line}" for line in notices]
     return images, held_out, templates, messages
+
+
+def _read_training_images(args, family):
+    """The training images of --train_data_dir or --dataset_name; with --streaming none are read
+    up front (`_batch_plan`)."""
+    if not args.dataset_name:
+        return _read_images(args, family, Path(args.train_data_dir))
+    if args.streaming:
+        return [], [], []
+    return load_dataset_images(DatasetSpec.from_args(args), image_settings(args, family))
+
+
+def _batch_plan(args, images, family, device, accelerator):
+    """(images, plan, images per process and micro-batch): the loaded images and their batch
+    order; with --streaming the stream's plan, whose `window` holds each micro-batch's images."""
+    world = accelerator.num_processes
+    if args.streaming:
+        plan = open_stream(args, family, device, world, accelerator.process_index)
+        return plan.window, plan, args.train_batch_size
+    batch = min(args.train_batch_size, max(1, len(images) // world))
+    return images, BatchPlan([im.size for im in images], batch * world, args.gradient_accumulation_steps, args.seed), batch
 
 
 def _read_images(args, family, folder: Path):

@@ -56,7 +56,7 @@ def save_checkpoint(run: TrainingRun) -> Path:
         step=run.step, start_step=run.start_step, kind=run.task.kind, name=run.task.name,
         tensors=run.task.state_tensors(), optimizer=run.optimizer.state_dict(),
         scaler=scaler.state_dict() if scaler else None, ema=run.ema.state() if run.ema else None,
-        batch=run.batch_shape, architecture=run.model_info.arch,
+        batch=run.batch_shape, architecture=run.model_info.arch, stream=run.plan.stream_state(),
     )
     return ckpt.save_checkpoint(run.output_dir, state, run.args.checkpoints_total_limit, keep=run.resumed_from)
 
