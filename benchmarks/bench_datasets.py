@@ -9,7 +9,8 @@ step. Each row is a fresh process training textual inversion on a tiny SD 1.x mo
     OMP_NUM_THREADS=1 python benchmarks/bench_datasets.py --images 1000 --stream_images 10000 --steps 40
 
 Prints one markdown table (the ratios against the folder row of the same run), then a long
-streamed run that reads thousands of rows: its RSS after a tenth of the steps and after the last.
+streamed run that reads thousands of rows: its RSS after every tenth of them, split into the
+process's own memory and mapped file pages (a `save_to_disk` set is a memory-mapped arrow file).
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ def write_set(root: Path, count: int, seed: int = 0) -> tuple[Path, Path]:
 
 
 def _rss_mb(field: str) -> float:
-    """`VmRSS` (now) or `VmHWM` (peak) of this process in MB (unlike `ru_maxrss`, not inherited
-    from the parent across exec)."""
+    """A memory figure of this process in MB from /proc: `VmRSS` (resident now), `VmHWM` (its
+    peak; unlike `ru_maxrss` not inherited from the parent across exec), `RssAnon` (the process's
+    own memory) or `RssFile` (mapped file pages, such as a memory-mapped arrow file's)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
@@ -65,7 +67,7 @@ def _rss_mb(field: str) -> float:
 
 def child(config: dict) -> None:
     """One training run; prints JSON: set-up seconds, steps/s over the steps after the first, peak
-    RSS, and the RSS after a tenth of the steps and after the last."""
+    RSS, and RSS (total, own, mapped files) after every tenth of the steps."""
     from tinv_lib.training.loop import train
     from tinv_lib.training.runner import prepare_process
     from tinv_lib.training.task import TrainingHooks
@@ -78,8 +80,8 @@ def child(config: dict) -> None:
 
     def on_step(report) -> None:
         stamps.append(time.perf_counter())
-        if report.step in (max(1, args.max_train_steps // 10), args.max_train_steps):
-            rss[report.step] = _rss_mb("VmRSS")
+        if report.step % max(1, args.max_train_steps // 10) == 0:
+            rss[report.step] = [_rss_mb(field) for field in ("VmRSS", "RssAnon", "RssFile")]
 
     prepare_process()
     assert train(args, TextualInversionTask(args), TrainingHooks(on_step=on_step)) == 0
@@ -144,10 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         speed, peak = _median(results, "steps_per_s"), _median(results, "peak_rss_mb")
         print(f"| {name} | {count:,} | {_median(results, 'setup_s'):.1f} | {speed:.1f} | "
               f"{speed / _median(base, 'steps_per_s'):.2f} | {peak:.0f} | {peak / _median(base, 'peak_rss_mb'):.2f} |")
-    first, last = long["rss_mb"]
-    print(f"\nstream of {args.stream_images:,}, batch {args.long_batch}, {long_steps} steps ({args.long_rows:,} rows read): "
-          f"RSS {first:.0f} MB after {long_steps // 10} steps, {last:.0f} MB after {long_steps} "
-          f"(peak {long['peak_rss_mb']:.0f} MB), {long['steps_per_s'] * args.long_batch:.1f} images/s")
+    print(f"\nstream of {args.stream_images:,}, batch {args.long_batch}, {long_steps} steps ({args.long_rows:,} rows "
+          f"read), {long['steps_per_s'] * args.long_batch:.1f} images/s; RSS MB every tenth of the rows:")
+    print("| rows read | RSS | own (RssAnon) | mapped files (RssFile) |")
+    print("|---:|---:|---:|---:|")
+    for tenth, (total, anon, mapped) in enumerate(long["rss_mb"], start=1):
+        print(f"| {tenth * args.long_rows // 10:,} | {total:.0f} | {anon:.0f} | {mapped:.0f} |")
     return 0
 
 
