@@ -60,3 +60,30 @@ def test_hypernetworks_are_refused_before_loading(configs_only, training_images,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: ") and "FLUX model is a transformer" in err[-1]
     assert not (tmp_path / "hn" / "hn.pt").exists()
+
+
+def test_sd3_file_with_clip_keys_only_goes_into_the_clip_encoders(tiny_sd3_path, tiny_flux_path, tmp_path):
+    """A1111 writes and reads SD3 embeddings with CLIP keys only: such a file is used in CLIP-L and
+    CLIP-G, and T5 reads the name as text. FLUX.1 has no CLIP-G, so there it is skipped."""
+    from tinv_lib.embeddings.database import EmbeddingDatabase
+    from tinv_lib.models.loading import load_base_model
+    from tinv_lib.prompts.encoding import PromptEncoder
+
+    generator = torch.Generator().manual_seed(1)
+    save_embedding(Embedding("my-thing", {"clip_l": torch.randn(2, 32, generator=generator),
+                                          "clip_g": torch.randn(2, 48, generator=generator)}),
+                   tmp_path / "my-thing.safetensors")
+    for model, usable in ((tiny_sd3_path, True), (tiny_flux_path, False)):
+        pipe, _ = load_base_model(model)
+        encoder = PromptEncoder.from_pipeline(pipe)
+        database = EmbeddingDatabase(tmp_path, expected_dim=encoder.expected_dim)
+        database.refresh()
+        assert ("my-thing" in database) == usable, database.skipped
+    encoder = PromptEncoder.from_pipeline(load_base_model(tiny_sd3_path)[0])
+    database = EmbeddingDatabase(tmp_path, expected_dim=encoder.expected_dim)
+    database.refresh()
+    used = encoder.encode(["a photo of my-thing"], database)
+    plain = encoder.encode(["a photo of my-thing"])
+    assert used.used and used.used[0].name == "my-thing"
+    assert not torch.equal(used.embeds[:, :77], plain.embeds[:, :77])  # the CLIP part: the vectors
+    assert torch.equal(used.embeds[:, 77:], plain.embeds[:, 77:])  # the T5 part: the name as text

@@ -56,9 +56,17 @@ def _signature(stat: os.stat_result) -> tuple[int, int, int]:
 
 def width_mismatch(embedding: Embedding, expected: Dim | None) -> str | None:
     """Why `embedding` cannot be used with a model whose text width is `expected`, or None."""
-    if expected is None or embedding.dim == expected:  # an int never equals a dict: forms must match too
-        return None
+    if expected is None or embedding.dim == expected or _fits_some_encoders(embedding.dim, expected):
+        return None  # an int never equals a dict: forms must match too
     return f"{embedding.name}: {_dim_text(embedding.dim)} does not fit the loaded model ({_dim_text(expected)})"
+
+
+def _fits_some_encoders(dim: Dim, expected: Dim) -> bool:
+    """A per-encoder file with the right width for some of the model's encoders and no others:
+    SD3 files with CLIP keys only (as A1111 writes and reads them) go into those encoders. The
+    per-encoder forms are whole for SDXL and FLUX.1, so only SD3 has such subsets."""
+    return isinstance(dim, dict) and isinstance(expected, dict) and bool(dim) and \
+        all(expected.get(key) == width for key, width in dim.items())
 
 
 def _dim_text(dim: Dim) -> str:

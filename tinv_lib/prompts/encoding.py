@@ -136,9 +136,19 @@ class _Encoder:
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return token_ids(self.tokenizer, texts)
 
+    def takes(self, embedding: Any, architecture: Architecture) -> bool:
+        """Whether the embedding goes into this encoder: always, except that a FLUX.1/SD3 file
+        with vectors for only some encoders (SD3's CLIP-only files) goes into those alone."""
+        vectors = embedding.vectors
+        return not (architecture.flow_matching and isinstance(vectors, Mapping) and self.key not in vectors)
+
     def vectors_for(self, embedding: Any, architecture: Architecture) -> torch.Tensor:
         """This encoder's rows of `embedding`, checked against the model's encoders and width."""
-        rows = architecture.unpack_vectors(embedding.vectors, f"embedding '{embedding.name}'")[self.key]
+        vectors = embedding.vectors
+        if architecture.flow_matching and isinstance(vectors, Mapping) and set(vectors) < set(architecture.embedding_keys):
+            rows = vectors[self.key]  # some encoders' vectors: `takes` sent only those here
+        else:
+            rows = architecture.unpack_vectors(vectors, f"embedding '{embedding.name}'")[self.key]
         if rows.shape[-1] != self.width:
             raise TinvError(f"embedding '{embedding.name}' has width {rows.shape[-1]}, the text encoder {self.width}")
         return rows
@@ -204,7 +214,9 @@ class PromptEncoder:
         """The A1111 chunks of `prompt`, one list per text encoder."""
         result = []
         for encoder in self.encoders:
-            lookup = EmbeddingLookup(embeddings, encoder.tokenize) if embeddings else None
+            usable = {name: embeddings[name] for name in embeddings
+                      if encoder.takes(embeddings[name], self.architecture)} if embeddings else None
+            lookup = EmbeddingLookup(usable, encoder.tokenize) if usable else None
             result.append(chunk_prompt(prompt, encoder.tokenize, encoder.rules, lookup, self.emphasis))
         return result
 
