@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -226,7 +227,8 @@ def _finish(process: subprocess.Popen) -> str:
 
 def test_a_streamed_run_on_two_processes_equals_one_process(tiny_sd1_path, tmp_path):
     """The same global batches in the same order (rows, positions, flips, noise) → the same
-    embedding up to the all-reduce's rounding; a corrupt row is replaced alike on both."""
+    embedding up to the all-reduce's rounding; a corrupt row is replaced alike on both; a
+    checkpoint written by 2 processes resumes on 1."""
     saved = _with_corrupt_row(tmp_path / "set", COUNT, 2)
     flags = ["--dataset_name", str(saved)]
     one = _launch(1, _argv(tiny_sd1_path, tmp_path / "one", flags, *STREAM_FLAGS, "--max_train_steps", "5",
@@ -240,6 +242,11 @@ def test_a_streamed_run_on_two_processes_equals_one_process(tiny_sd1_path, tmp_p
     assert torch.allclose(a, b, atol=1e-5, rtol=0)
     states = [json.loads((tmp_path / run / "checkpoint-4" / "stream.json").read_text()) for run in ("one", "two")]
     assert states[0] == states[1] and (states[0]["epoch"], states[0]["row"]) == (1, 8)  # 4 steps x 4 rows read
+    # The position is the same on every process count: the 2-process checkpoint resumes on 1 process.
+    shutil.copytree(tmp_path / "two" / "checkpoint-4", tmp_path / "moved" / "checkpoint-4")
+    _finish(_launch(1, _argv(tiny_sd1_path, tmp_path / "moved", flags, *STREAM_FLAGS, "--max_train_steps", "5",
+                             "--train_batch_size", "4", "--adam_epsilon", "1e-4", "--resume_from_checkpoint", "latest")))
+    assert torch.allclose(a, load_embedding(tmp_path / "moved" / "tok.pt").vectors, atol=1e-5, rtol=0)
 
 
 RESUME_STEPS = 24  # many steps after the first checkpoint, so the kill lands mid-run (several epochs of 10 rows)
