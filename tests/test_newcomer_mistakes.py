@@ -235,6 +235,17 @@ def test_status_lines_start_on_their_own_line_in_a_log_file(tiny_sd1_path, train
                         last), last
 
 
+def test_a_run_with_progress_bars_turned_off_trains_to_the_end(tiny_sd1_path, training_images, tmp_path):
+    """`TQDM_DISABLE=1` (cloud logs, CI) gives a bar without a clock: the run must not crash on it."""
+    out = tmp_path / "run"
+    argv = train_argv(tiny_sd1_path, training_images, out, "--max_train_steps", "3")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "train_textual_inversion.py"), *argv], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Done in " in done.stdout + done.stderr and not list(out.glob("crash-*.log"))
+
+
 # ------------------------------------------------------------------------- what the suite leaves behind
 
 

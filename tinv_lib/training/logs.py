@@ -85,8 +85,9 @@ class RunLogger:
             stream = self.bar_stream = _BarStream(stream)
         self.bar = tqdm(total=self.total_steps, initial=self.resumed_at, desc=self.kind, dynamic_ncols=True,
                         file=stream)
-        self.bar.start_t -= first_step_seconds
-        self.bar.last_print_t = self.bar.start_t
+        if not self.bar.disable:  # a disabled bar (TQDM_DISABLE=1) keeps no clock
+            self.bar.start_t -= first_step_seconds
+            self.bar.last_print_t = self.bar.start_t
 
     def step(self, step: int, loss: float, rate: float, grad_norm: float, last: bool = False) -> None:
         """Record one optimizer step; the CSV gets a row every `--log_csv_steps` steps and at the
