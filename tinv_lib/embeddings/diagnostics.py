@@ -251,6 +251,7 @@ def scalars(records: Sequence[VectorDiagnosis]) -> dict[str, float]:
         prefix = f"embedding/{r.key}/{r.index}"
         values[f"{prefix}/norm"] = r.norm
         values[f"{prefix}/norm_percentile"] = r.norm_percentile
+        values[f"{prefix}/norm_ratio"] = r.norm_ratio  # times the vocabulary's median norm
         if r.cosine_to_init is not None:
             values[f"{prefix}/cosine_to_init"] = r.cosine_to_init
     return values

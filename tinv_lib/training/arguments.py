@@ -12,6 +12,7 @@ from collections.abc import Callable
 from tinv_lib.common.cli_help import HelpFormatter, mark_required
 from tinv_lib.common.config_file import add_config_argument, parse_with_config
 from tinv_lib.training.data import BUILTIN_TEMPLATES
+from tinv_lib.training.early_stopping import DVAR_THRESHOLD, DVAR_WINDOW_STEPS
 from tinv_lib.training.lr_schedule import ScheduleError, ScheduleString, build_schedule
 from tinv_lib.training.optimizers import OPTIMIZERS
 from tinv_lib.training.preflight import ArgumentError, check_training_arguments
@@ -33,6 +34,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_lr: str, def
     _add_loss_arguments(parser)
     _add_optimizer_arguments(parser, default_lr, default_weight_decay)
     _add_output_arguments(parser)
+    _add_stopping_arguments(parser)
     add_config_argument(parser)
 
 
@@ -146,6 +148,22 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--resume_from_checkpoint", help='"latest" (the newest in --output_dir, if any) or a checkpoint folder')
     out.add_argument("--accept_new_global_batch", action="store_true",
                      help="resume a checkpoint trained with another global batch (the data order changes from there)")
+
+
+def _add_stopping_arguments(parser: argparse.ArgumentParser) -> None:
+    stop = parser.add_argument_group("early stopping and the best step (the fixed-batch loss: held-out images, "
+                                     "else the training images, every --validation_loss_steps)")
+    stop.add_argument("--early_stopping", choices=["dvar"], default=None,
+                      help="dvar: stop once the fixed-batch loss has settled (DVAR, arXiv 2302.04841); not yet "
+                           "measured, see docs/training.md")
+    stop.add_argument("--early_stopping_window", type=int, default=None,
+                      help=f"with --early_stopping: the last N steps whose losses' variance is compared with all "
+                           f"losses' (default {DVAR_WINDOW_STEPS}; at least 2 evaluations)")
+    stop.add_argument("--early_stopping_threshold", type=float, default=None,
+                      help=f"with --early_stopping: stop when that variance ratio falls below this (default "
+                           f"{DVAR_THRESHOLD})")
+    stop.add_argument("--keep_best", action="store_true",
+                      help="also write the file of the step with the lowest fixed-batch loss as <name>-best")
 
 
 def parse_training_args(parser: argparse.ArgumentParser, argv: list[str] | None, required: list[str],

@@ -5,7 +5,8 @@ tensors (kilobytes for an embedding, not the whole text encoder as in the diffus
 the optimizer state (8-bit states included), the fp16 grad-scaler state, the moving average
 with `--ema_decay` and `state.json`
 (step, start step, what is trained, the model's architecture and each trained tensor's shape, so
-a resume with another model or `--num_vectors` is refused in one line before the model loads).
+a resume with another model or `--num_vectors` is refused in one line before the model loads;
+the fixed-batch losses behind `--early_stopping` and `--keep_best`, and `--norm_mode`'s targets).
 Data order, noise and the learning rate are functions of the step (see
 `tinv_lib.training.data`), so no RNG state is needed. `trainable.safetensors` says in its header
 that it is a checkpoint's state, so no embeddings folder takes it for an embedding.
@@ -53,6 +54,8 @@ class CheckpointState:
     batch: BatchShape | None = None  # how the global batch was made (None: a checkpoint from before it was kept)
     architecture: str | None = None  # the base model's ("sd1", "sdxl", ...; None: not recorded)
     stream: dict | None = None  # with --streaming: where the stream stands (`StreamPlan.stream_state`)
+    fixed_batch: dict | None = None  # the fixed-batch losses, best step, early stop (`FixedBatchHistory.state`)
+    norm_control: dict | None = None  # `--norm_mode`'s targets (`NormControl.state`)
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,9 @@ def save_checkpoint(output_dir: Path, state: CheckpointState, keep_last: int | N
             save_file({k: v.detach().cpu().contiguous() for k, v in average.items()}, str(tmp))
     if state.stream is not None:
         (partial / STREAM_FILE).write_text(json.dumps(state.stream, indent=1))
+    for key in ("fixed_batch", "norm_control"):
+        if getattr(state, key) is not None:
+            meta[key] = getattr(state, key)
     (partial / STATE_FILE).write_text(json.dumps(meta, indent=1))
     if final.exists():
         stale = output_dir / f".checkpoint-{state.step}.stale-{os.getpid()}"
@@ -177,6 +183,8 @@ def load_checkpoint(path: Path, kind: str, expected: dict[str, torch.Tensor] | N
         ema=(load_file(str(ema_file)), int(meta["ema_updates"])) if ema_file.is_file() else None,
         batch=batch_shape_of(meta),
         architecture=meta.get("architecture"),
+        fixed_batch=meta.get("fixed_batch"),
+        norm_control=meta.get("norm_control"),
     )
 
 

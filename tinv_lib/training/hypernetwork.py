@@ -94,6 +94,7 @@ class HypernetworkTask:
     """One hypernetwork, installed on the UNet while it trains."""
 
     kind = KIND
+    norm_control = None  # the norm options are textual inversion's
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -167,12 +168,17 @@ class HypernetworkTask:
         if missing or unexpected:
             raise TinvError(f"the checkpoint's hypernetwork does not match this one ({len(missing)} missing tensors)")
 
-    def save_files(self, output_dir: Path, step: int, final: bool, optimizer_state: dict | None) -> list[Path]:
-        """Final `<name>.pt`; intermediate `hypernetworks/<name>-<step>.pt` (name inside stays)."""
+    def save_files(self, output_dir: Path, step: int, final: bool, optimizer_state: dict | None,
+                   best: bool = False) -> list[Path]:
+        """Final `<name>.pt`; intermediate `hypernetworks/<name>-<step>.pt`; `best`: `<name>-best.pt`
+        (`--keep_best`); the name inside stays, the step is the file's."""
         self.network.step = step
         self.network.sd_checkpoint = self.model_info.short_hash or None
         self.network.sd_checkpoint_name = self.model_info.name
-        path = output_dir / (f"{self.name}.pt" if final else f"hypernetworks/{self.name}-{step}.pt")
+        if best:
+            path = output_dir / f"{self.name}-best.pt"
+        else:
+            path = output_dir / (f"{self.name}.pt" if final else f"hypernetworks/{self.name}-{step}.pt")
         path.parent.mkdir(parents=True, exist_ok=True)
         save_hypernetwork(self.network, path)
         if optimizer_state is not None:

@@ -4,8 +4,10 @@ One loop; what differs between the two trainers is a `TrainingTask` (which param
 how prompts become conditioning, what files are written). `train` reads as its stages:
 `_set_up` (model, data and cached latents, optimizer, resume, schedules) → `_train_steps`, for
 each optimizer step: `_accumulate` the micro-batches (`batches`), `_mix_across_processes`,
-`_roll_back` on a NaN or `_optimizer_step`, then `_after_step` (files, previews, checkpoints)
-→ `_finish` (the final files). The neighbours do the rest: `banner` announces the run,
+`_roll_back` on a NaN or `_optimizer_step` (with `--norm_mode`, the task's `norm_control`
+projects the gradients before it and retracts the vectors after it), then `_after_step` (files,
+previews, the fixed-batch loss with `--keep_best` and `--early_stopping`, checkpoints) →
+`_finish` (the final files). The neighbours do the rest: `banner` announces the run,
 `saving` writes files and checkpoints, `previews` draws and saves previews, `crash` keeps the
 training when something breaks, and `runner` is the command line around `train`.
 
@@ -27,12 +29,14 @@ import torch
 from tinv_lib.training.batches import MicroBatch, build_micro_batch, seed_torch_for
 from tinv_lib.training.crash import Failure, crash_message, record_failure, save_state
 from tinv_lib.training.distributed import average_gradients
+from tinv_lib.training.early_stopping import counts, dvar_settings
 from tinv_lib.training.exits import EXIT_CRASH, EXIT_NAN, EXIT_STOPPED, TrainingStopped
 from tinv_lib.training.objective import denoising_loss
 from tinv_lib.training.previews import preview
 from tinv_lib.training.run_setup import set_up
 from tinv_lib.training.saving import (
     save_after_crash,
+    save_best,
     save_checkpoint,
     save_final,
     save_intermediate,
@@ -84,7 +88,7 @@ def _train_steps(run: TrainingRun, hooks: TrainingHooks) -> int:
     run.task.set_training(True)
     try:
         with stop_request:
-            while run.step < run.end_step:
+            while run.step < run.end_step and run.progress.fixed_batch.stopped_at is None:
                 rate = run.schedule.rate_at(run.step)
                 if rate is None:
                     break
@@ -126,7 +130,8 @@ def _one_step(run: TrainingRun, hooks: TrainingHooks, rate: float, stop_request:
     run.logger.step(report.step, report.loss, report.lr, report.grad_norm, last=final)
     if hooks.on_step is not None:
         hooks.on_step(report)
-    _after_step(run, prompts, final)
+    if _after_step(run, prompts, final):
+        return 0  # early stopping: the run ends as a finished one
     if mixed.stop:  # here or on another process: every process exits as if signalled
         return stop_request.exit_code or EXIT_STOPPED
     return None
@@ -199,6 +204,9 @@ def _roll_back(run: TrainingRun, loss: float, rate: float) -> bool:
 def _optimizer_step(run: TrainingRun, rate: float) -> float:
     """Unscale, clip, step at the scheduled rate; the gradient norm before clipping."""
     run.accelerator.unscale_gradients()
+    norm_control = run.task.norm_control
+    if norm_control is not None:
+        norm_control.project_gradients()
     max_norm = run.clip_norm.rate_at(run.step) if run.clip_norm else None
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm if max_norm else float("inf")).item()
     if run.clip_value and run.clip_value.rate_at(run.step):
@@ -207,39 +215,82 @@ def _optimizer_step(run: TrainingRun, rate: float) -> float:
         group["lr"] = rate * run.progress.lr_multiplier
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if norm_control is not None:
+        norm_control.retract()
     if run.ema is not None:
         run.ema.update(run.task.state_tensors())
     run.progress.step += 1
     return grad_norm
 
 
-def _after_step(run: TrainingRun, prompts: list[str], final: bool) -> None:
-    """Intermediate files, previews and checkpoints that fall on this step."""
+def _after_step(run: TrainingRun, prompts: list[str], final: bool) -> bool:
+    """Intermediate files, previews, the fixed-batch loss and checkpoints that fall on this step;
+    True when early stopping ends the run here (its checkpoint is then written as a last one's)."""
     args, step = run.args, run.step
     if args.save_steps and step % args.save_steps == 0 and not final and run.is_main:
         save_intermediate(run)
     if run.progress.previews_on and step % args.validation_steps == 0:
         run.progress.previews_on = preview(run, prompts[0] if prompts else run.task.name)
-    if run.validation and (step % args.validation_loss_steps == 0 or final) and run.is_main:
-        _log_validation_loss(run)
+    stop = False
+    if run.validation and (step % args.validation_loss_steps == 0 or final):
+        stop = _agreed(run, _fixed_batch_loss(run, final) if run.is_main else False)
+        final = final or stop
     if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or final):
         if run.is_main:
             save_checkpoint(run)
         run.accelerator.wait_for_everyone()
         run.take_snapshot()
+    return stop
 
 
-def _log_validation_loss(run: TrainingRun) -> None:
-    """The held-out images' loss at fixed noise and timesteps, of the weights files would hold."""
+def _fixed_batch_loss(run: TrainingRun, final: bool) -> bool:
+    """The fixed-batch loss (`validation`) of the weights files would hold: logged, then, at the
+    steps that count (`early_stopping.counts`), kept in the history, its best step written with
+    `--keep_best`, and DVAR's rule applied; True when early stopping ends the run here."""
+    args, step, history = run.args, run.step, run.progress.fixed_batch
     run.task.set_training(False)
     try:
-        with saved_weights(run), torch.no_grad():
-            losses = [_loss(run, batch, None).item() for batch in run.validation]
+        with saved_weights(run):
+            with torch.no_grad():
+                losses = [_loss(run, batch, None).item() for batch in run.validation]
+            loss = sum(losses) / len(losses)
+            counted = counts(step, args.validation_loss_steps, run.end_step)
+            if counted and history.add(step, loss) and args.keep_best:
+                save_best(run)
     finally:
         run.task.set_training(True)
-    loss = sum(losses) / len(losses)
-    run.logger.scalars(run.step, {"loss/validation": loss})
-    run.logger.table(VALIDATION_CSV, ["step", "validation_loss"], [[run.step, f"{loss:.7f}"]])
+    ratio, stop = None, False
+    if args.early_stopping and counted:
+        window, evaluations, threshold = dvar_settings(args)
+        ratio = history.ratio(evaluations)
+        stop = ratio is not None and ratio < threshold and not final
+        if stop:
+            history.stopped_at = step
+            run.logger.notice(f"early stopping at step {step}: the fixed-batch loss's variance over the last {window} "
+                              f"steps is {ratio:.3f} of its variance over the run (below {threshold})")
+    _log_fixed_batch_loss(run, loss, ratio)
+    return stop
+
+
+def _log_fixed_batch_loss(run: TrainingRun, loss: float, ratio: float | None) -> None:
+    """TensorBoard's `loss/validation` (and `early_stopping/dvar_ratio`), `validation_loss.csv`."""
+    values, columns, row = {"loss/validation": loss}, ["step", "validation_loss"], [run.step, f"{loss:.7f}"]
+    if run.args.early_stopping:
+        if ratio is not None:
+            values["early_stopping/dvar_ratio"] = ratio
+        columns.append("dvar_ratio")
+        row.append("" if ratio is None else f"{ratio:.6f}")
+    run.logger.scalars(run.step, values)
+    run.logger.table(VALIDATION_CSV, columns, [row])
+
+
+def _agreed(run: TrainingRun, stop: bool) -> bool:
+    """The main process's decision (it alone measures the fixed-batch loss), told to every process."""
+    if run.accelerator.num_processes == 1:
+        return stop
+    box = [stop]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return bool(box[0])
 
 
 # ------------------------------------------------------------------------------ the end

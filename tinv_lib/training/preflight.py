@@ -34,7 +34,30 @@ def check_training_arguments(args: argparse.Namespace) -> None:
     _check_paths(args)
     _check_resolution(args)
     _check_trackers(args)
+    _check_early_stopping(args)
     _check_data_source(args)
+
+
+def _check_early_stopping(args: argparse.Namespace) -> None:
+    """`--early_stopping` and `--keep_best` read the fixed-batch loss (`training/early_stopping.py`):
+    its window must hold two evaluations, and a stream has no images to fix without held-out ones."""
+    from tinv_lib.training.early_stopping import dvar_settings
+
+    for name in ("early_stopping_window", "early_stopping_threshold"):
+        if getattr(args, name) is not None and not args.early_stopping:
+            raise ArgumentError(f"--{name} has no effect without --early_stopping dvar")
+    if args.early_stopping:
+        window, evaluations, threshold = dvar_settings(args)
+        if evaluations < 2:
+            raise ArgumentError(f"--early_stopping_window {window} holds fewer than 2 fixed-batch losses at "
+                                f"--validation_loss_steps {args.validation_loss_steps}: make it at least "
+                                f"{2 * args.validation_loss_steps}, or evaluate more often")
+        if not 0.0 < threshold < 1.0:
+            raise ArgumentError(f"--early_stopping_threshold must be in (0, 1), not {threshold}")
+    wanted = "--early_stopping" if args.early_stopping else "--keep_best" if args.keep_best else None
+    if wanted and args.streaming and not args.validation_data_dir:
+        raise ArgumentError(f"{wanted} with --streaming needs --validation_data_dir: a stream holds no fixed "
+                            "images to evaluate")
 
 
 def _check_data_source(args: argparse.Namespace) -> None:

@@ -30,6 +30,7 @@ from tinv_lib.training.data import (
     load_template,
 )
 from tinv_lib.training.datasets_source import DatasetSpec, image_settings, load_dataset_images, open_stream
+from tinv_lib.training.early_stopping import FixedBatchHistory
 from tinv_lib.training.ema import ExponentialMovingAverage
 from tinv_lib.training.frozen_model import load_frozen_model
 from tinv_lib.training.logs import RunLogger
@@ -54,6 +55,7 @@ def set_up(args, task: TrainingTask) -> TrainingRun:
                                            weight_dtype, args.gradient_checkpointing)
     file_step = task.setup(family, model_info, args, device)
     images, held_out, templates, messages = _load_data(args, task, family, model_info, device)
+    fixed = _fixed_batch_images(args, images, held_out)
     noise_scheduler = family.noise_scheduler()
     images, plan, batch = _batch_plan(args, images, family, device, accelerator)
     params = task.parameters()
@@ -74,9 +76,10 @@ def set_up(args, task: TrainingTask) -> TrainingRun:
         logger=RunLogger(output_dir, task.kind, args, accelerator.is_main_process, plan.steps_per_epoch,
                          resume_step=resumed.step if resumed.checkpoint else None, started=started),
         start_step=resumed.start_step, end_step=min(args.max_train_steps, schedule.end_step),
-        progress=RunProgress(step=resumed.step, previews_on=bool(args.validation_steps)),
+        progress=RunProgress(step=resumed.step, previews_on=bool(args.validation_steps),
+                             fixed_batch=FixedBatchHistory.from_state(resumed.fixed_batch)),
         ema=_moving_average(args, task, resumed), resumed_from=resumed.checkpoint,
-        validation=validation_batches(held_out, templates[0], task.name, samples.timesteps[1], family.latent_scale),
+        validation=validation_batches(fixed, templates[0], task.name, samples.timesteps[1], family.latent_scale),
     )
     if run.is_main:
         announce(run, messages, file_step, resumed.checkpoint)
@@ -85,6 +88,14 @@ def set_up(args, task: TrainingTask) -> TrainingRun:
                   f"this run's is {run.batch_shape.describe()}: from step {run.step} on, the data order differs "
                   "from the uninterrupted run's")
     return run
+
+
+def _fixed_batch_images(args, images, held_out):
+    """The images of the fixed-batch loss: the held-out ones; without them, with
+    `--early_stopping` or `--keep_best`, the training images (as DVAR does; `early_stopping`)."""
+    if held_out or not (args.early_stopping or args.keep_best):
+        return held_out
+    return images
 
 
 def _sample_settings(args, task: TrainingTask, family, templates: list[str], noise_scheduler) -> SampleSettings:
@@ -180,6 +191,7 @@ class _Resumed:
     scaler: dict | None = None
     ema: tuple[dict, int] | None = None  # (average, updates)
     batch: ckpt.BatchShape | None = None  # the global batch the checkpoint was trained with
+    fixed_batch: dict | None = None  # the fixed-batch history (`early_stopping.FixedBatchHistory.state`)
 
 
 def _resume(args, task: TrainingTask, optimizer, output_dir: Path, file_step: int) -> _Resumed:
@@ -193,7 +205,19 @@ def _resume(args, task: TrainingTask, optimizer, output_dir: Path, file_step: in
     state = ckpt.load_checkpoint(path, task.kind, expected=task.state_tensors())
     task.load_state_tensors(state.tensors)
     optimizer.load_state_dict(state.optimizer)
-    return _Resumed(path, state.step, state.start_step, state.scaler, state.ema, state.batch)
+    _resume_norm_control(task, state.norm_control)
+    return _Resumed(path, state.step, state.start_step, state.scaler, state.ema, state.batch, state.fixed_batch)
+
+
+def _resume_norm_control(task: TrainingTask, saved: dict | None) -> None:
+    """`--norm_mode`: the checkpoint's targets; a checkpoint trained without them has its vectors
+    moved onto this run's targets now."""
+    if task.norm_control is None:
+        return
+    if saved is not None:
+        task.norm_control.load_state(saved)
+    else:
+        task.norm_control.retract()
 
 
 def _clip_schedule(schedule: ScheduleString | None, start_step: int) -> ScheduleString | None:

@@ -1,5 +1,5 @@
-"""The files a run writes from its trained state: intermediate and final trained files, and
-checkpoints.
+"""The files a run writes from its trained state: intermediate, final and best (`--keep_best`)
+trained files, and checkpoints.
 
 Files always hold the weights a user would keep (`saved_weights`: schedule-free's evaluation
 weights, or the moving average with `--save_ema`); checkpoints hold the training weights and
@@ -43,6 +43,12 @@ def save_after_crash(run: TrainingRun) -> list[Path]:
     return [*written, save_checkpoint(run)]
 
 
+def save_best(run: TrainingRun) -> list[Path]:
+    """`--keep_best`: this step's trained file as `<name>-best` (called inside `saved_weights`,
+    where the fixed-batch loss that made it the best was measured)."""
+    return run.task.save_files(run.output_dir, run.step, final=False, optimizer_state=None, best=True)
+
+
 def save_files(run: TrainingRun, final: bool) -> list[Path]:
     """The task's trained file(s) for this step (with the optimizer state when asked to keep it)."""
     optimizer_state = run.optimizer.state_dict() if run.args.save_optimizer_state else None
@@ -57,6 +63,8 @@ def save_checkpoint(run: TrainingRun) -> Path:
         tensors=run.task.state_tensors(), optimizer=run.optimizer.state_dict(),
         scaler=scaler.state_dict() if scaler else None, ema=run.ema.state() if run.ema else None,
         batch=run.batch_shape, architecture=run.model_info.arch, stream=run.plan.stream_state(),
+        fixed_batch=run.progress.fixed_batch.state() if run.validation else None,
+        norm_control=run.task.norm_control.state() if run.task.norm_control else None,
     )
     return ckpt.save_checkpoint(run.output_dir, state, run.args.checkpoints_total_limit, keep=run.resumed_from)
 

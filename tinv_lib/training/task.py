@@ -20,6 +20,7 @@ import torch
 from tinv_lib.training.batches import MicroBatch, SampleSettings
 from tinv_lib.training.checkpoints import BatchShape
 from tinv_lib.training.data import BatchPlan, TrainingImage
+from tinv_lib.training.early_stopping import FixedBatchHistory
 from tinv_lib.training.ema import ExponentialMovingAverage
 from tinv_lib.training.logs import RunLogger
 from tinv_lib.training.lr_schedule import ScheduleString, StandardSchedule
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
     from tinv_lib.models.family import ModelFamily
     from tinv_lib.models.loading import ModelInfo
+    from tinv_lib.training.norm_control import NormControl
 
 
 @dataclass
@@ -57,6 +59,7 @@ class TrainingTask(Protocol):
     name: str  # the embedding / hypernetwork name, also `[name]` in templates
     resumed_from: Path | None  # the trained file `setup` continued from, if any (reported at the start)
     optimizer_state: dict | None  # the optimizer state saved with that file (A1111's `.optim`), if any
+    norm_control: NormControl | None  # `--norm_mode` (textual inversion): the loop projects and retracts
 
     def setup(self, family, model_info, args, device: torch.device) -> int:
         """Create or load the trainable state; return the step count it already has."""
@@ -75,8 +78,9 @@ class TrainingTask(Protocol):
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
 
-    def save_files(self, output_dir: Path, step: int, final: bool, optimizer_state: dict | None) -> list[Path]:
-        """Write the trained artifact (intermediate or final); return the paths written."""
+    def save_files(self, output_dir: Path, step: int, final: bool, optimizer_state: dict | None,
+                   best: bool = False) -> list[Path]:
+        """Write the trained artifact (intermediate, final, or `best`: `<name>-best`); return the paths written."""
 
     def describe_saved(self, step: int, final: bool, logger: RunLogger) -> None:
         """Report on what `save_files` just wrote (main process only; may do nothing)."""
@@ -112,10 +116,11 @@ class RunProgress:
     """Where a run stands: the only state that changes from step to step."""
 
     step: int
-    snapshot: tuple = ()  # (step, trainable tensors, optimizer state, moving average) of the last good step
+    snapshot: tuple = ()  # (step, trainable tensors, optimizer state, moving average, history) of the last good step
     lr_multiplier: float = 1.0  # halved by every NaN rollback
     rollbacks: int = 0
     previews_on: bool = True  # off for good once a preview failed
+    fixed_batch: FixedBatchHistory = field(default_factory=FixedBatchHistory)  # losses, best step, early stop
 
 
 @dataclass(frozen=True)
@@ -174,11 +179,14 @@ class TrainingRun:
         """Remember this step as the one a NaN rolls back to."""
         tensors = {key: value.clone() for key, value in self.task.state_tensors().items()}
         ema = self.ema.state() if self.ema else None
-        self.progress.snapshot = (self.step, tensors, copy.deepcopy(self.optimizer.state_dict()), ema)
+        self.progress.snapshot = (self.step, tensors, copy.deepcopy(self.optimizer.state_dict()), ema,
+                                  copy.deepcopy(self.progress.fixed_batch))
 
     def restore_snapshot(self) -> None:
-        """Back to the step `take_snapshot` remembered: trainables, optimizer, moving average."""
-        self.progress.step, tensors, optimizer_state, ema = self.progress.snapshot
+        """Back to the step `take_snapshot` remembered: trainables, optimizer, moving average,
+        fixed-batch history."""
+        self.progress.step, tensors, optimizer_state, ema, history = self.progress.snapshot
+        self.progress.fixed_batch = copy.deepcopy(history)
         self.task.load_state_tensors(tensors)
         self.optimizer.load_state_dict(copy.deepcopy(optimizer_state))
         if ema is not None:

@@ -29,6 +29,7 @@ from tinv_lib.training.arguments import (
     mark_required,
     parse_training_args,
 )
+from tinv_lib.training.norm_control import NORM_MODES, NormControl, parse_norm_target
 from tinv_lib.training.optimizers import sidecar_name
 from tinv_lib.training.preflight import require_file
 
@@ -53,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"on a model with several text encoders, train only the named encoders' vectors (a comma "
                             f"list of {', '.join(TRAIN_ENCODERS[1:])}); the others keep their init (or resumed) "
                             "values and are saved as they are")
+    group.add_argument("--norm_mode", choices=NORM_MODES, default="none",
+                       help="hold each vector's norm at --norm_target: preserve (rescale after every step) or "
+                            "direction (learn only the direction: tangent gradient, then renormalise); not yet "
+                            "measured, see docs/training.md")
+    group.add_argument("--norm_target", type=parse_norm_target, default=None,
+                       help="with --norm_mode: vocab_median (default: the median norm of the encoder's vocabulary), "
+                            "init (each vector's norm at the start), or a number (times the vocabulary median)")
     add_training_arguments(parser, default_lr="0.005", default_template="subject_filewords", default_weight_decay=0.0)
     mark_required(parser, REQUIRED)
     return parser
@@ -83,6 +91,24 @@ def _check_embedding_flags(args: argparse.Namespace) -> None:
     require_file("resume_from_embedding", args.resume_from_embedding)
     _check_resume_vectors(args)
     _check_flow_model_flags(args)
+    _check_norm_flags(args)
+
+
+def _check_norm_flags(args: argparse.Namespace) -> None:
+    """`--norm_mode` needs vectors with a direction, and weights that stay on their sphere in the
+    saved files (a moving average or schedule-free's averaged weights leave it)."""
+    if args.norm_mode == "none":
+        if args.norm_target is not None:
+            raise ArgumentError(f"--norm_target {args.norm_target} has no effect without --norm_mode preserve or "
+                                "direction")
+        return
+    if args.initializer_token == "" and not args.resume_from_embedding:
+        raise ArgumentError(f"--norm_mode {args.norm_mode}: --initializer_token \"\" starts from zero vectors, which "
+                            "have no direction to keep: give init text")
+    if args.optimizer == "schedulefree_adamw" or args.save_ema:
+        which = "--save_ema" if args.save_ema else "--optimizer schedulefree_adamw"
+        raise ArgumentError(f"--norm_mode {args.norm_mode} with {which}: the saved weights would be an average of "
+                            "the trained ones, off their target norm; leave one out")
 
 
 def _check_flow_model_flags(args: argparse.Namespace) -> None:
@@ -134,6 +160,7 @@ class TextualInversionTask:
         self.initial: dict[str, torch.Tensor] = {}  # the vectors training started from (diagnostics)
         self.vocabularies = None  # the model's vocabularies for diagnostics, built at the first save
         self.resumed_from: Path | None = None  # the --resume_from_embedding file, once read
+        self.norm_control: NormControl | None = None  # --norm_mode
 
     # -- set-up
     def setup(self, family, model_info, args, device: torch.device) -> int:
@@ -157,7 +184,25 @@ class TextualInversionTask:
         self.vectors = {key: torch.nn.Parameter(value.to(device, torch.float32).clone()) for key, value in initial.items()}
         self.initial = {key: value.detach().to("cpu", torch.float32).clone() for key, value in initial.items()}
         self._freeze_untrained_encoders(args.train_encoders)
+        self.norm_control = self._norm_control(args)
         return step
+
+    def _norm_control(self, args: argparse.Namespace) -> NormControl | None:
+        """`--norm_mode`: the targets, fixed now; the trained vectors start at them."""
+        if args.norm_mode == "none":
+            return None
+        from tinv_lib.embeddings.diagnostics import vocabularies_of
+
+        self.vocabularies = vocabularies_of(self.family)
+        medians = {key: vocabulary.median_norm for key, vocabulary in self.vocabularies.items()}
+        control = NormControl.build(args.norm_mode, args.norm_target or "vocab_median", self.vectors, medians)
+        if control.zero_vectors():
+            key, row = control.zero_vectors()[0]
+            raise TinvError(f"--norm_mode {args.norm_mode}: vector {row} ({key}) starts at zero and has no direction "
+                            "to keep: start from init text or another embedding")
+        control.retract()
+        self.initial = {key: value.detach().to("cpu", torch.float32).clone() for key, value in self.vectors.items()}
+        return control
 
     def _freeze_untrained_encoders(self, train_encoders: str) -> None:
         """`--train_encoders a,b`: the other encoders' vectors stop being trainable."""
@@ -249,11 +294,16 @@ class TextualInversionTask:
             for key, value in self.vectors.items():
                 value.copy_(tensors[key].to(value.device))
 
-    def save_files(self, output_dir: Path, step: int, final: bool, optimizer_state: dict | None) -> list[Path]:
+    def save_files(self, output_dir: Path, step: int, final: bool, optimizer_state: dict | None,
+                   best: bool = False) -> list[Path]:
         """Final: `<name>.pt` + `<name>.safetensors`; intermediate: `embeddings/<name>-<step>.pt`
-        (A1111's naming; the name inside is `<name>-<step>`)."""
+        (A1111's naming; the name inside is `<name>-<step>`); `best` (`--keep_best`):
+        `<name>-best.safetensors`, its step in the metadata."""
         embedding = self.current_embedding(step, detached=True)
-        if final:
+        if best:
+            embedding.name = f"{self.name}-best"
+            written = [save_safetensors(embedding, output_dir / f"{self.name}-best.safetensors")]
+        elif final:
             written = [save_pt(embedding, output_dir / f"{self.name}.pt"),
                        save_safetensors(embedding, output_dir / f"{self.name}.safetensors")]
         else:
