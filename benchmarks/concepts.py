@@ -220,7 +220,9 @@ def train(concept: Concept, model: Path, data: Path, output_dir: Path, extra_fla
     if run_training(args, TextualInversionTask(args), hooks=TrainingHooks(on_step=on_step)) != 0:
         raise RuntimeError(f"training {concept.name} failed")
     intermediate = {int(p.stem.rsplit("-", 1)[1]): p for p in (output_dir / "embeddings").glob(f"{concept.name}-*.pt")}
-    return Training(output_dir / f"{concept.name}.pt", intermediate, cpu, wall)
+    best = output_dir / f"{concept.name}-best.safetensors"  # --keep_best: the file a user would keep
+    return Training(best if args.keep_best and best.is_file() else output_dir / f"{concept.name}.pt", intermediate,
+                    cpu, wall)
 
 
 # ---------------------------------------------------------------- measuring
@@ -313,6 +315,8 @@ def measure_concept(concept: Concept, options: dict) -> dict:
         "concept": asdict(concept), "target": concept.target,
         **{label: {kind: _rate(r) for kind, r in parts.items()} for label, parts in results.items()},
         "time_to_concept": time_to_concept(concept, pipe, judge, training, count, sampling),
+        "steps_run": max(training.cpu_seconds),  # below --max_train_steps when --early_stopping stopped the run
+        "judged_step": trained.step,  # the final file's, or with --keep_best the best step's
         "training_cpu_seconds": round(training.cpu_seconds[max(training.cpu_seconds)], 1),
         "training_wall_seconds": round(training.wall_seconds[max(training.wall_seconds)], 1),
         "diffusers": diffusers_spot_check(concept, model, judge, training.final,

@@ -8,8 +8,9 @@ in `<work_dir>/<variant>.json` and not run again, so a sweep stopped half-way go
 stopped. The table compares: concepts captured, object concepts editable, median training steps and
 CPU seconds to concept (the first judged file, every 200 steps, that reaches 75%; CPU seconds
 also grow with the machine's load), mean reconstruction and edit rates (edits of scenes and of
-objects apart), and the longest vector's norm over the vocabulary's median (median over the
-concepts).
+objects apart), the longest vector's norm over the vocabulary's median (median over the
+concepts), and the median steps run (fewer than the recipe's with `--early_stopping`; with
+`--keep_best` the best step's file is the one judged).
 
     python benchmarks/sweep_options.py                       # every variant, then the table
     python benchmarks/sweep_options.py --variants snr5 prodigy
@@ -46,6 +47,15 @@ VARIANTS = {
     "captions": "--template_file subject_filewords",
     "captions_drop01": "--template_file subject_filewords --caption_dropout 0.1",
     "captions_drop03": "--template_file subject_filewords --caption_dropout 0.3",
+    # issue 35: norm control (docs/training.md, "Norm control, early stopping and the best step")
+    "norm_preserve": "--norm_mode preserve",
+    "norm_direction": "--norm_mode direction",
+    "norm_direction_init": "--norm_mode direction --norm_target init",
+    "norm_preserve_x3": "--norm_mode preserve --norm_target 3",
+    # issue 35: DVAR on the training images' fixed-batch loss every 10 steps (20 in a 200-step window),
+    # and the best step by that loss every 50 steps
+    "dvar": "--early_stopping dvar --validation_loss_steps 10",
+    "keep_best": "--keep_best --validation_loss_steps 50",
 }
 # Caption dropout needs captions: these variants caption each object concept's images with its
 # background (`concepts.py --captions`), and compare with and without dropping them. Their
@@ -80,18 +90,20 @@ def row(name: str, data: dict) -> str:
     norm = statistics.median(max(d["norm_ratio"] for d in r["diagnostics"]) for r in reports)
     steps = [r["time_to_concept"]["step"] for r in reports if r["time_to_concept"]["step"] is not None]
     seconds = summary["median_cpu_seconds_to_concept"]
+    runs = [r["steps_run"] for r in reports if "steps_run" in r]  # JSONs from before issue 35 lack it
     flags = f"`{VARIANTS[name]}`" if VARIANTS[name] else "README recipe"
     if name in CAPTIONED:
         flags += ", object images captioned with their background"
     return (f"| {flags} | {summary['captured']}/{summary['drawable']} | {summary['objects_editable']}/{summary['objects']} "
             f"| {f'{statistics.median(steps):.0f}' if steps else '-'} | {'-' if seconds is None else f'{seconds:.0f}'} "
-            f"| {reconstruction:.0%} | {edits['scene']:.0%} | {edits['object']:.0%} | {norm:.1f} |")
+            f"| {reconstruction:.0%} | {edits['scene']:.0%} | {edits['object']:.0%} | {norm:.1f} "
+            f"| {f'{statistics.median(runs):.0f}' if runs else '-'} |")
 
 
 def table(work_dir: Path, names: list[str]) -> str:
     lines = ["| variant | captured | objects editable | median steps to concept | median CPU-s to concept "
-             "| mean reconstruction | mean edit, scenes | mean edit, objects | norm × median |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| mean reconstruction | mean edit, scenes | mean edit, objects | norm × median | median steps run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         path = work_dir / f"{name}.json"
         if path.is_file():
