@@ -11,7 +11,11 @@ Every flag: `python generate.py --help` and docs/generate.md. The work happens i
 
 import sys
 
-from tinv_lib.generation.cli import main
+from tinv_lib.common.cpu_waits import prefer_passive_waits
+
+prefer_passive_waits()  # before torch loads: OpenMP reads its wait policy once
+
+from tinv_lib.generation.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

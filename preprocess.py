@@ -12,7 +12,11 @@ happens in `tinv_lib.preprocessing.cli`; this script only hands it the command l
 
 import sys
 
-from tinv_lib.preprocessing.cli import main
+from tinv_lib.common.cpu_waits import prefer_passive_waits
+
+prefer_passive_waits()  # before torch loads: OpenMP reads its wait policy once
+
+from tinv_lib.preprocessing.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,7 +7,11 @@ Every A1111 Train-tab feature on Accelerate (multi-GPU, exact resume, SDXL). The
 
 import sys
 
-from tinv_lib.training.textual_inversion import main
+from tinv_lib.common.cpu_waits import prefer_passive_waits
+
+prefer_passive_waits()  # before torch loads: OpenMP reads its wait policy once
+
+from tinv_lib.training.textual_inversion import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())
