@@ -50,7 +50,8 @@ def _norms(task: TextualInversionTask) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(("arch", "mode", "target"), [
     ("sd1", "preserve", "vocab_median"), ("sd1", "direction", "init"), ("sd1", "preserve", "3"),
-    ("sdxl", "direction", "vocab_median"), ("sd2", "preserve", "init"),
+    ("sdxl", "direction", "vocab_median"), ("sd2", "preserve", "init"), ("flux", "direction", "vocab_median"),
+    ("sd3", "preserve", "init"),
 ])
 def test_every_vector_stays_at_its_target_norm_after_every_step(arch, mode, target, request, training_images,
                                                                  tmp_path):
@@ -252,6 +253,48 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(options, tiny_
         assert best_a.step == best_b.step and torch.equal(best_a.vectors, best_b.vectors)
     if (whole / "validation_loss.csv").is_file():
         assert _fixed_batch_losses(whole) == _fixed_batch_losses(parts)
+
+
+def test_a_sigterm_between_evaluations_resumes_exactly(tiny_sd1_path, training_images, tmp_path):
+    """SIGTERM at a step that is no multiple of --validation_loss_steps: the loss of that step is
+    logged but kept out of the history (the uninterrupted run never measured it), so the resumed
+    run stops early at the same step with the same best file and vectors."""
+    import os
+    import signal
+
+    flags = ("--max_train_steps", "60", "--validation_loss_steps", "3", "--early_stopping", "dvar",
+             "--early_stopping_window", "15", "--keep_best", "--checkpointing_steps", "100")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    args, task = _ti(tiny_sd1_path, training_images, whole, *flags)
+    assert run_training(args, task) == 0
+
+    def terminate(report):
+        if report.step == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    args, task = _ti(tiny_sd1_path, training_images, parts, *flags)
+    assert run_training(args, task, TrainingHooks(on_step=terminate)) == 143
+    assert 8 in _fixed_batch_losses(parts)  # logged at the interruption (the step after the signal) ...
+    assert json.loads((parts / "checkpoint-8" / "state.json").read_text())["fixed_batch"]["steps"] == [3, 6]  # not kept
+    args, task = _ti(tiny_sd1_path, training_images, parts, *flags, "--resume_from_checkpoint", "latest")
+    assert run_training(args, task) == 0
+    a, b = load_embedding(whole / "my-thing.safetensors"), load_embedding(parts / "my-thing.safetensors")
+    assert a.step == b.step < 60 and torch.equal(a.vectors, b.vectors)
+    best_a, best_b = load_embedding(whole / "my-thing-best.safetensors"), load_embedding(parts / "my-thing-best.safetensors")
+    assert best_a.step == best_b.step and torch.equal(best_a.vectors, best_b.vectors)
+    state = [json.loads((out / f"checkpoint-{a.step}" / "state.json").read_text())["fixed_batch"] for out in (whole, parts)]
+    assert state[0] == state[1]
+
+
+def test_hypernetwork_training_stops_early_too(tiny_sd1_path, training_images, tmp_path, capsys):
+    args = parse_hypernetwork_args(train_argv(tiny_sd1_path, training_images, tmp_path, "--max_train_steps", "60",
+                                              "--learning_rate", "0.001", "--early_stopping", "dvar",
+                                              "--validation_loss_steps", "1", "--early_stopping_window", "8",
+                                              "--template_file", "subject", hypernetwork=True))
+    assert run_training(args, HypernetworkTask(args)) == 0
+    step = torch.load(tmp_path / "my-thing.pt", weights_only=True)["step"]
+    assert 8 < step < 60
+    assert f"early stopping at step {step}" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- bad input
