@@ -309,6 +309,7 @@ def test_hypernetwork_training_stops_early_too(tiny_sd1_path, training_images, t
     (("--early_stopping", "dvar", "--validation_loss_steps", "100", "--early_stopping_window", "150"),
      "fewer than 2 fixed-batch losses"),
     (("--early_stopping", "dvar", "--early_stopping_threshold", "1.5"), "must be in (0, 1)"),
+    (("--dataset_name", "some/set", "--streaming", "--keep_best"), "--keep_best with --streaming needs --validation_data_dir"),
 ])
 def test_bad_option_values_fail_in_one_line_before_the_model_loads(extra, message, tiny_sd1_path, training_images,
                                                                    tmp_path, capsys):
