@@ -140,8 +140,8 @@ def _parsers():
 
 def test_help_marks_required_flags_shows_each_default_once_and_helps_every_flag():
     parsers = _parsers()
-    required = {"train_textual_inversion": {"--pretrained_model_name_or_path", "--train_data_dir", "--placeholder_token"},
-                "train_hypernetwork": {"--pretrained_model_name_or_path", "--train_data_dir", "--hypernetwork_name"},
+    required = {"train_textual_inversion": {"--pretrained_model_name_or_path", "--placeholder_token"},
+                "train_hypernetwork": {"--pretrained_model_name_or_path", "--hypernetwork_name"},
                 "preprocess": {"--source_dir", "--dest_dir"}}
     for script, parser in parsers.items():
         lines = _help_lines(parser)
@@ -151,6 +151,8 @@ def test_help_marks_required_flags_shows_each_default_once_and_helps_every_flag(
             assert text.lower().count("default") <= 1, f"{script} {flag}: {text}"
             assert text.endswith("(required)") == (flag in required[script]), f"{script} {flag}: {text}"
     embedding = _help_lines(parsers["train_textual_inversion"])
+    for script in ("train_textual_inversion", "train_hypernetwork"):  # one of the two data sources
+        assert _help_lines(parsers[script])["--train_data_dir"].endswith("this or --dataset_name is required")
     assert embedding["--filename_join_string"].endswith("(default: ' ')")
     assert embedding["--max_train_steps"].endswith("(default: 3000)")
     assert embedding["--seed"].endswith("(default: 0)")

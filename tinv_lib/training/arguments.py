@@ -40,7 +40,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_lr: str, def
 
 def _add_data_arguments(parser: argparse.ArgumentParser, default_template: str) -> None:
     data = parser.add_argument_group("data")
-    data.add_argument("--train_data_dir", help="folder of training images (.txt caption sidecars optional)")
+    data.add_argument("--train_data_dir", help="folder of training images (.txt caption sidecars optional); this or --dataset_name is required")
     data.add_argument("--dataset_name",
                       help="train from a Hugging Face dataset instead: a hub id (read from the cache when offline), a "
                            "save_to_disk folder, a folder or glob of parquet/arrow/jsonl/webdataset .tar files, or an "
