@@ -173,6 +173,7 @@ def test_bad_datasets_are_one_line_errors_before_the_model_loads(sources, tmp_pa
         (["--train_data_dir", str(tmp_path), "--streaming"], "--streaming: only for --dataset_name"),
         (["--dataset_name", saved, "--streaming", "--train_batch_size", "2"], "use --aspect_mode crop or stretch"),
         (["--dataset_name", saved, "--streaming", "--validation_split", "0.2"], "--validation_data_dir"),
+        (["--dataset_name", saved, "--filename_word_regex", r"\w+"], "a dataset's captions are a column"),
     ]
     for flags, message in cases:
         code = main(["--pretrained_model_name_or_path", str(missing_model), "--placeholder_token", "tok",

@@ -396,6 +396,9 @@ def check_data_source(args) -> None:
         return
     if args.mask_dir:
         raise ArgumentError("--mask_dir is for --train_data_dir: a dataset's masks are a column (--mask_column)")
+    if args.filename_word_regex:
+        raise ArgumentError("--filename_word_regex reads file names, for --train_data_dir: a dataset's captions "
+                            "are a column (--caption_column)")
     if args.streaming:
         _check_streaming(args)
     open_dataset(DatasetSpec.from_args(args))
