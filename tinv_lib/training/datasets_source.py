@@ -27,6 +27,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from tinv_lib.common.errors import ArgumentError
 from tinv_lib.common.images import NOT_AN_IMAGE, UnreadableImage, read_image
 from tinv_lib.training.data import (
     DatasetError,
@@ -382,8 +383,6 @@ def open_stream(args, family, device, world: int, rank: int) -> StreamPlan:
 def check_data_source(args) -> None:
     """One source of training images; flags that only apply to the other are refused; the
     dataset opens and has its columns, all before the model loads."""
-    from tinv_lib.training.preflight import ArgumentError
-
     if args.dataset_name and args.train_data_dir:
         raise ArgumentError("--dataset_name and --train_data_dir both name the training images: give one")
     if not (args.dataset_name or args.train_data_dir):
@@ -406,8 +405,6 @@ def check_data_source(args) -> None:
 
 def _check_streaming(args) -> None:
     """What a stream cannot do: it has no list of images to split, cache or bucket ahead."""
-    from tinv_lib.training.preflight import ArgumentError
-
     if args.validation_split:
         raise ArgumentError("--validation_split needs the whole set; with --streaming hold images out in a folder "
                             "(--validation_data_dir)")
