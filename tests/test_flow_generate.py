@@ -87,3 +87,22 @@ def test_sd3_file_with_clip_keys_only_goes_into_the_clip_encoders(tiny_sd3_path,
     assert used.used and used.used[0].name == "my-thing"
     assert not torch.equal(used.embeds[:, :77], plain.embeds[:, :77])  # the CLIP part: the vectors
     assert torch.equal(used.embeds[:, 77:], plain.embeds[:, 77:])  # the T5 part: the name as text
+
+
+@pytest.mark.parametrize(("model", "length", "message"), [
+    ("sd1", "16", "this SD1 model has no T5 encoder"), ("flux", "600", "must be 2-512, not 600"),
+])
+def test_a_t5_length_that_cannot_be_used_is_refused_before_loading(model, length, message, request, tmp_path, capsys):
+    configs = save_model_config(request.getfixturevalue(f"tiny_{model}_path"), tmp_path / "configs")
+    code = generate_main(["--pretrained_model_name_or_path", str(configs), "--prompt", "a photo",
+                          "--max_sequence_length", length, "--outdir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --max_sequence_length") and message in err[0]
+
+
+def test_generate_draws_with_a_shorter_t5_prompt(tiny_flux_path, tmp_path, capsys):
+    code = generate_main(["--pretrained_model_name_or_path", str(tiny_flux_path), "--prompt", "a red circle",
+                          "--max_sequence_length", "16", "--width", "64", "--height", "64", "--steps", "2",
+                          "--seed", "5", "--outdir", str(tmp_path / "out"), "--no_date_dirs"])
+    assert code == 0, capsys.readouterr().err
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1

@@ -224,3 +224,59 @@ def test_loss_masks_weigh_the_flow_loss(tiny_sd3_path, training_images, tmp_path
         trained[name] = load_embedding(tmp_path / name / "my-thing.safetensors").vectors
     assert all(torch.equal(trained["plain"][key], trained["weight-1"][key]) for key in trained["plain"])
     assert not torch.equal(trained["plain"]["clip_g"], trained["masked"]["clip_g"])
+
+
+def test_a_shorter_t5_prompt_trains_and_draws_as_diffusers_does(tiny_flux_path, training_images, tmp_path):
+    """`--max_sequence_length 16`: the run's prompts have 16 T5 ids, and the file loaded in
+    diffusers with the same `max_sequence_length` gives the same embeds and the same image."""
+    args = parse_args(_argv(tiny_flux_path, training_images, tmp_path, "--max_sequence_length", "16",
+                            "--max_train_steps", "2", "--learning_rate", "0.05"))
+    task = TextualInversionTask(args)
+    assert run_training(args, task) == 0
+    embedding = load_embedding(tmp_path / "my-thing.safetensors")
+    assert task.prompt_encoder.encode(["a photo of my-thing"], {"my-thing": embedding}).embeds.shape[1] == 16
+    pipe, _ = load_base_model(tiny_flux_path)
+    encoder = PromptEncoder.from_pipeline(pipe, t5_length=16)
+    ours = encoder.encode(["a photo of my-thing"], {"my-thing": embedding})
+    state = load_file(tmp_path / "my-thing.safetensors")
+    tokens = ["<m0>", "<m1>"]
+    pipe.load_textual_inversion(state["clip_l"], token=tokens, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["t5"], token=tokens, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    embeds, _, _ = pipe.encode_prompt(["a photo of <m0> <m1>"], prompt_2=None, max_sequence_length=16)
+    assert ours.embeds.shape[1] == 16 and torch.equal(ours.embeds, embeds)
+    drawn = generate(pipe, "a photo of my-thing", seed=3, steps=2, cfg_scale=3.5, width=64, height=64,
+                     embeddings={"my-thing": embedding}, encoder=encoder).images[0]
+    theirs = pipe("a photo of <m0> <m1>", num_inference_steps=2, guidance_scale=3.5, width=64, height=64,
+                  max_sequence_length=16, generator=torch.Generator().manual_seed(3)).images[0]
+    assert numpy.array_equal(numpy.asarray(drawn), numpy.asarray(theirs))
+
+
+@pytest.mark.parametrize(("model", "length", "message"), [
+    ("sd1", "16", "--max_sequence_length sets a T5 prompt's length; this SD1 model has no T5 encoder"),
+    ("flux", "2", "--max_sequence_length must hold the 2 vector(s) and the end token, at most 512: 3-512, not 2"),
+    ("flux", "513", "3-512, not 513"),
+])
+def test_a_t5_length_that_cannot_be_used_is_refused_before_loading(model, length, message, request,
+                                                                    training_images, tmp_path, capsys):
+    from tinv_lib.models.loading import save_model_config
+
+    configs_only = save_model_config(request.getfixturevalue(f"tiny_{model}_path"), tmp_path / "configs")
+    code = main(_argv(configs_only, training_images, tmp_path / "out", "--max_sequence_length", length))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: ") and message in err[-1], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_gradient_checkpointing_leaves_t5_without_dropout(tiny_flux_path):
+    """Checkpointing needs training mode; T5's dropout (0.1) must still stay off, or the same
+    prompt would encode differently at every step."""
+    from tinv_lib.training.frozen_model import load_frozen_model
+
+    family, _ = load_frozen_model(str(tiny_flux_path), None, torch.device("cpu"), torch.float32, True)
+    assert all(any(layer.training for layer in encoder.modules()) for encoder in family.text_encoders)
+    encoder = PromptEncoder.from_family(family)
+    first, again = (encoder.encode(PROMPTS[:1]).embeds for _ in range(2))
+    pipe, _ = load_base_model(tiny_flux_path)
+    inference = PromptEncoder.from_pipeline(pipe).encode(PROMPTS[:1]).embeds
+    assert torch.equal(first, again)  # dropout would differ by ~10% of the values, at random
+    assert torch.allclose(first, inference, atol=1e-3)  # the checkpointed layers round a little differently

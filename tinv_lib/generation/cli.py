@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--pretrained_model_name_or_path", "--model", dest="model",
                        help="diffusers folder or single .safetensors/.ckpt file (default: the toy model in models/toy/)")
     model.add_argument("--model_config", help="config folder for a single-file checkpoint (a diffusers folder of the same architecture)")
+    model.add_argument("--max_sequence_length", type=int,
+                       help="FLUX.1 and SD3: T5 tokens per prompt (default: the pipeline's, 512 on FLUX.1 and 256 on SD3; "
+                            "at most 512)")
     add_generation_arguments(parser)
     networks = parser.add_argument_group("embeddings and hypernetworks")
     networks.add_argument("--embeddings_dir", default="embeddings", help="embeddings folder, searched recursively and re-read before each prompt")
@@ -159,13 +162,14 @@ class Session:
     make_grid: bool = True
     say: Say = print
     encoders: dict[str, PromptEncoder] = field(default_factory=dict)
+    t5_length: int | None = None  # --max_sequence_length
 
     def encoder(self, emphasis: str) -> PromptEncoder:
         """The prompt encoder for an emphasis mode (one per mode, made on first use)."""
         from tinv_lib.prompts.encoding import PromptEncoder
 
         if emphasis not in self.encoders:
-            self.encoders[emphasis] = PromptEncoder.from_pipeline(self.pipe, emphasis)
+            self.encoders[emphasis] = PromptEncoder.from_pipeline(self.pipe, emphasis, self.t5_length)
         return self.encoders[emphasis]
 
     def native_size(self) -> int:
@@ -189,13 +193,15 @@ def open_session(args: argparse.Namespace, say: Say = print) -> Session:
     from tinv_lib.embeddings.database import EmbeddingDatabase
     from tinv_lib.generation.extra_networks import HypernetworkHandler
     from tinv_lib.generation.image_saving import OutputFolders
+    from tinv_lib.models.family import family_of
     from tinv_lib.models.loading import load_base_model
     from tinv_lib.prompts.encoding import PromptEncoder
 
     silence_known_noise()
     pipe, info = load_base_model(args.model or default_model(), args.model_config)
     pipe.set_progress_bar_config(disable=True)
-    encoder = PromptEncoder.from_pipeline(pipe)
+    _check_t5_length(args.max_sequence_length, family_of(pipe).architecture)  # a hub id or file is known now
+    encoder = PromptEncoder.from_pipeline(pipe, t5_length=args.max_sequence_length)
     outdir = Path(args.outdir)
     grids = Path(args.outdir_grids) if args.outdir_grids else outdir.parent / "txt2img-grids"
     session = Session(
@@ -212,6 +218,7 @@ def open_session(args: argparse.Namespace, say: Say = print) -> Session:
         make_grid=not args.no_grid,
         say=say,
         encoders={encoder.emphasis: encoder},
+        t5_length=args.max_sequence_length,
     )
     say(f"Model: {info.name} [{info.short_hash}] ({info.arch})")
     refresh_embeddings(session)
@@ -409,6 +416,7 @@ def _check_flow_model(args: argparse.Namespace, values: dict[str, Any]) -> None:
         architecture = of_folder(model) if model is not None and model.is_dir() else None
     except ModelLoadError:
         return  # the loader says what is wrong with it
+    _check_t5_length(args.max_sequence_length, architecture)
     if architecture is None or not architecture.flow_matching:
         return
     if "sampler" in values or "schedule_type" in values:
@@ -416,6 +424,20 @@ def _check_flow_model(args: argparse.Namespace, values: dict[str, Any]) -> None:
     values["sampler"] = FLOW_SAMPLER
     if parse_extra_networks(str(values.get("prompt", "")))[1].get("hypernet"):
         refuse_flow_models(model, architecture)
+
+
+def _check_t5_length(length: int | None, architecture) -> None:
+    """`--max_sequence_length` is a T5 prompt's length: 2-512, and only on a model with T5 (the
+    architecture is None while it is not known yet)."""
+    from tinv_lib.models.architecture import MAX_T5_LENGTH
+
+    if length is None:
+        return
+    if not 1 < length <= MAX_T5_LENGTH:
+        raise TinvError(f"--max_sequence_length must be 2-{MAX_T5_LENGTH}, not {length}")
+    if architecture is not None and not architecture.t5_max_length:
+        raise TinvError(f"--max_sequence_length sets a T5 prompt's length; this {architecture.label} model has no "
+                        "T5 encoder: leave it out")
 
 
 def _say(text: str) -> None:

@@ -28,6 +28,7 @@ SINGLE_KEY = "emb_params"
 CLIP_L = "clip_l"
 CLIP_G = "clip_g"
 T5 = "t5"  # FLUX.1's and SD3's T5-XXL (files also carry it as ComfyUI's `t5xxl`: embeddings/formats.py)
+MAX_T5_LENGTH = 512  # the longest T5 prompt diffusers' FLUX.1 and SD3 pipelines take (`max_sequence_length`)
 
 _V = TypeVar("_V")  # what is kept per encoder: vectors, widths, row counts
 

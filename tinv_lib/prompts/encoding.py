@@ -195,15 +195,16 @@ class PromptEncoder:
         self.zero_empty_negative = zero_empty_negative
 
     @classmethod
-    def from_family(cls, family: ModelFamily, emphasis: str = "Original") -> PromptEncoder:
-        """The encoder for the pipeline of a `ModelFamily`."""
+    def from_family(cls, family: ModelFamily, emphasis: str = "Original", t5_length: int | None = None) -> PromptEncoder:
+        """The encoder for the pipeline of a `ModelFamily`; `t5_length` is the T5 sequence length
+        (`--max_sequence_length`, default the pipeline's own)."""
         return cls(family.architecture, family.tokenizers, family.text_encoders, emphasis,
-                   zero_empty_negative=family.zero_empty_negative)
+                   zero_empty_negative=family.zero_empty_negative, t5_length=t5_length)
 
     @classmethod
-    def from_pipeline(cls, pipe: Any, emphasis: str = "Original") -> PromptEncoder:
-        """The encoder for a diffusers `StableDiffusionPipeline` or `StableDiffusionXLPipeline`."""
-        return cls.from_family(family_of(pipe), emphasis)
+    def from_pipeline(cls, pipe: Any, emphasis: str = "Original", t5_length: int | None = None) -> PromptEncoder:
+        """The encoder for a diffusers pipeline of any family tinv knows."""
+        return cls.from_family(family_of(pipe), emphasis, t5_length)
 
     @property
     def expected_dim(self) -> int | dict[str, int]:

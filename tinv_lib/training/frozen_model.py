@@ -28,8 +28,20 @@ def load_frozen_model(model: str, model_config: str | None, device: torch.device
     family.vae.to(device)
     if gradient_checkpointing:
         family.unet.enable_gradient_checkpointing()
-        family.unet.train()  # diffusers checkpoints only in training mode; its dropout is 0
+        family.unet.train()  # its dropout is 0; diffusers' blocks checkpoint whenever gradients are on
         for encoder in family.text_encoders:
             encoder.gradient_checkpointing_enable()
-            encoder.train()
+            _checkpointing_layers_in_training_mode(encoder)
     return family, model_info
+
+
+def _checkpointing_layers_in_training_mode(encoder: torch.nn.Module) -> None:
+    """transformers checkpoints a layer only while that layer is in training mode, but the frozen
+    encoder must compute what it computes at inference: T5's dropout (0.1 in FLUX.1's and SD3's
+    T5-XXL, inside the layers' attention and feed-forward) would make every step's prompt random.
+    So the checkpointed layers alone are marked training; everything inside them stays in eval."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for layer in encoder.modules():
+        if isinstance(layer, GradientCheckpointingLayer):
+            layer.training = True

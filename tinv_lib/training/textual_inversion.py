@@ -18,9 +18,9 @@ import torch
 from tinv_lib.common.errors import TinvError
 from tinv_lib.common.names import sanitize_name
 from tinv_lib.common.torch_files import safe_torch_load, save_a1111_pt
-from tinv_lib.embeddings.create import create_embedding_vectors
+from tinv_lib.embeddings.create import MAX_VECTORS, create_embedding_vectors
 from tinv_lib.embeddings.formats import Embedding, load_embedding, save_pt, save_safetensors
-from tinv_lib.models.architecture import selectable_encoders
+from tinv_lib.models.architecture import MAX_T5_LENGTH, selectable_encoders
 from tinv_lib.training.arguments import (
     ArgumentError,
     HelpFormatter,
@@ -34,7 +34,6 @@ from tinv_lib.training.optimizers import sidecar_name
 from tinv_lib.training.preflight import require_file
 
 KIND = "textual_inversion"
-MAX_VECTORS = 75
 REQUIRED = ["pretrained_model_name_or_path", "placeholder_token"]
 TRAIN_ENCODERS = ("all", *selectable_encoders())  # "all", then the encoder names some model has
 
@@ -54,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"on a model with several text encoders, train only the named encoders' vectors (a comma "
                             f"list of {', '.join(TRAIN_ENCODERS[1:])}); the others keep their init (or resumed) "
                             "values and are saved as they are")
+    group.add_argument("--max_sequence_length", type=int,
+                       help="FLUX.1 and SD3: T5 tokens per prompt (default: the pipeline's, 512 on FLUX.1 and 256 on "
+                            "SD3; at most 512); fewer save memory and time, and previews use the same length")
     group.add_argument("--norm_mode", choices=NORM_MODES, default="none",
                        help="hold each vector's norm at --norm_target: preserve (rescale after every step) or "
                             "direction (learn only the direction: tangent gradient, then renormalise); not yet "
@@ -112,8 +114,12 @@ def _check_norm_flags(args: argparse.Namespace) -> None:
 
 
 def _check_flow_model_flags(args: argparse.Namespace) -> None:
-    """`--snr_gamma` weighs DDPM timesteps; on a FLUX.1 or SD3 folder it is refused before the
-    model loads (`setup` refuses it for a hub id, known only once loaded)."""
+    """Flags of one family on a folder of another, refused before the model loads (`setup`
+    refuses them for a hub id, known only once loaded)."""
+    length = args.max_sequence_length
+    if length is not None and not args.num_vectors < length <= MAX_T5_LENGTH:
+        raise ArgumentError(f"--max_sequence_length must hold the {args.num_vectors} vector(s) and the end token, "
+                            f"at most {MAX_T5_LENGTH}: {args.num_vectors + 1}-{MAX_T5_LENGTH}, not {length}")
     from tinv_lib.models.architecture import ModelLoadError, of_folder
 
     model = Path(args.pretrained_model_name_or_path)
@@ -122,7 +128,7 @@ def _check_flow_model_flags(args: argparse.Namespace) -> None:
     except ModelLoadError:
         return  # the loader says what is wrong with it
     if architecture is not None:
-        _refuse_snr_gamma_on_flow_models(args, architecture)
+        _check_flags_fit_the_family(args, architecture)
 
 
 def _check_resume_vectors(args: argparse.Namespace) -> None:
@@ -141,10 +147,15 @@ def _check_resume_vectors(args: argparse.Namespace) -> None:
                             f"{max(counts)} to resume it, or start a new --output_dir")
 
 
-def _refuse_snr_gamma_on_flow_models(args: argparse.Namespace, architecture) -> None:
+def _check_flags_fit_the_family(args: argparse.Namespace, architecture) -> None:
+    """`--snr_gamma` weighs DDPM timesteps, which flow models lack; `--max_sequence_length` is
+    the length of a T5 prompt, which only FLUX.1 and SD3 have."""
     if args.snr_gamma is not None and architecture.flow_matching:
         raise ArgumentError(f"--snr_gamma weighs DDPM timesteps by their signal-to-noise ratio; this "
                             f"{architecture.label} model is trained by flow matching, which has none: leave it out")
+    if args.max_sequence_length is not None and not architecture.t5_max_length:
+        raise ArgumentError(f"--max_sequence_length sets a T5 prompt's length; this {architecture.label} model has "
+                            "no T5 encoder: leave it out")
 
 
 class TextualInversionTask:
@@ -167,9 +178,9 @@ class TextualInversionTask:
         from tinv_lib.prompts.encoding import PromptEncoder
 
         self.family, self.model_info = family, model_info
-        _refuse_snr_gamma_on_flow_models(args, family.architecture)
+        _check_flags_fit_the_family(args, family.architecture)
         self._check_name_is_not_a_word()
-        self.prompt_encoder = PromptEncoder.from_pipeline(family.pipe)
+        self.prompt_encoder = PromptEncoder.from_pipeline(family.pipe, t5_length=args.max_sequence_length)
         step = 0
         if args.resume_from_embedding:
             embedding = load_embedding(args.resume_from_embedding)
