@@ -156,12 +156,15 @@ _BUILDERS = {"sd1": _build_sd1, "sd2-v": _build_sd2v, "sdxl": _build_sdxl}
 
 
 def build_tiny_pipeline(arch: str, seed: int = 0):
-    """A tiny diffusers pipeline of architecture `arch` ("sd1", "sd2-v", "sdxl"), CPU float32.
-
-    The same seed gives bit-identical weights.
+    """A tiny diffusers pipeline of architecture `arch`, CPU float32: "sd1", "sd2-v", "sdxl" here,
+    "flux-dev", "flux-schnell", "sd3" from `testing.tiny_flow`. The same seed gives bit-identical weights.
     """
+    from testing.tiny_flow import FLOW_ARCHITECTURES, build_tiny_flow_pipeline  # it builds on this module
+
+    if arch in FLOW_ARCHITECTURES:
+        return build_tiny_flow_pipeline(arch, seed)
     if arch not in _BUILDERS:
-        raise ValueError(f"unknown tiny architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose from {', '.join(ARCHITECTURES + FLOW_ARCHITECTURES)}")
     with tempfile.TemporaryDirectory() as workdir:
         pipe = _BUILDERS[arch](seed, Path(workdir))
     pipe.set_progress_bar_config(disable=True)
@@ -180,8 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m testing.tiny sd1 DIR [--seed N]`: write a tiny model folder."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="Write a tiny random Stable Diffusion model (diffusers folder).")
-    parser.add_argument("arch", choices=ARCHITECTURES)
+    from testing.tiny_flow import FLOW_ARCHITECTURES
+
+    parser = argparse.ArgumentParser(description="Write a tiny random model of any family tinv knows (diffusers folder).")
+    parser.add_argument("arch", choices=ARCHITECTURES + FLOW_ARCHITECTURES)
     parser.add_argument("folder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

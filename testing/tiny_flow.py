@@ -10,7 +10,8 @@ Widths differ between encoders so wrong-width tests mean something:
 * FLUX.1: clip_l 32 (pooled only), t5 40; dev has the guidance embedding, schnell has not.
 * SD3: clip_l 32 + clip_g 48 (both with projection, pooled 80), t5 96 (SD3 pads the CLIP states
   to T5's width, so T5 must be the widest).
-The VAE has 16 latent channels and a `shift_factor`, as both families' VAEs do.
+The VAE has 16 latent channels and a `shift_factor`, as both families' VAEs do. Saving one, and
+the command line, go through `testing.tiny` (`save_tiny_pipeline("flux-dev", folder)`).
 """
 
 from __future__ import annotations
@@ -141,27 +142,3 @@ def build_tiny_flow_pipeline(arch: str, seed: int = 0):
             component.eval()  # as `from_pretrained` leaves them: T5's dropout (0.1) off
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def save_tiny_flow_pipeline(arch: str, folder: str | Path, seed: int = 0) -> Path:
-    """Build a tiny flow-matching pipeline and save it as a diffusers folder (safetensors weights)."""
-    folder = Path(folder)
-    build_tiny_flow_pipeline(arch, seed).save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m testing.tiny_flow flux-dev DIR [--seed N]`: write a tiny model folder."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Write a tiny random FLUX.1 or SD3 model (diffusers folder).")
-    parser.add_argument("arch", choices=FLOW_ARCHITECTURES)
-    parser.add_argument("folder")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    print(save_tiny_flow_pipeline(args.arch, args.folder, args.seed))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

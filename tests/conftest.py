@@ -45,22 +45,16 @@ def tiny_sdxl_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _saved_tiny(tmp_path_factory, "sdxl")
 
 
-def _saved_tiny_flow(tmp_path_factory: pytest.TempPathFactory, arch: str) -> Path:
-    from testing.tiny_flow import save_tiny_flow_pipeline
-
-    return save_tiny_flow_pipeline(arch, tmp_path_factory.mktemp(f"tiny-{arch}") / "model")
-
-
 @pytest.fixture(scope="session")
 def tiny_flux_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny FLUX.1-dev diffusers folder (guidance embedding, dynamic shift; seed 0)."""
-    return _saved_tiny_flow(tmp_path_factory, "flux-dev")
+    return _saved_tiny(tmp_path_factory, "flux-dev")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SD3 diffusers folder (clip_l, clip_g, t5; seed 0)."""
-    return _saved_tiny_flow(tmp_path_factory, "sd3")
+    return _saved_tiny(tmp_path_factory, "sd3")
 
 
 @pytest.fixture(scope="session")

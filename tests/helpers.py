@@ -8,6 +8,7 @@ Fixtures live in `conftest.py`; plain functions live in `helpers*.py` modules be
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -66,3 +67,31 @@ def run_training(args, task, hooks=None) -> int:
 
     prepare_process()
     return train(args, task, hooks)
+
+
+# Runs a script with `--help` and a spy on the first `import torch`: what a variable holds then
+# (OpenMP reads OMP_WAIT_POLICY once, as torch loads), or at the end if `--help` never loads torch.
+_SPY_ON_TORCH = """
+import os, runpy, sys
+seen = []
+class Spy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and not seen:
+            seen.append(os.environ.get(VARIABLE))
+sys.meta_path.insert(0, Spy())
+sys.path[0] = os.path.dirname(SCRIPT)
+sys.argv = [SCRIPT, "--help"]
+try:
+    runpy.run_path(SCRIPT, run_name="__main__")
+except SystemExit as exit:
+    assert not exit.code, exit.code
+print(repr((seen or [os.environ.get(VARIABLE)])[0]))
+"""
+
+
+def variable_when_torch_loads(script: Path, variable: str, env: dict[str, str], cwd: Path | str = ROOT) -> str | None:
+    """`variable` as `python <script> --help` has it when torch is first imported."""
+    code = f"SCRIPT, VARIABLE = {str(script)!r}, {variable!r}" + _SPY_ON_TORCH
+    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return ast.literal_eval(done.stdout.splitlines()[-1])  # the spy prints the repr of a str or None

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import importlib
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import ROOT, variable_when_torch_loads
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_FOLDERS = ("benchmarks", "recipes")
 # Unset while a module is imported, so that a `setdefault` of one shows even where the test run
 # (conftest.py) has already set it.
@@ -60,26 +58,6 @@ def test_the_scan_sees_every_script():
             "benchmarks.startup", "recipes.pretrain_toy_model"} <= set(_modules())
 
 
-# What `python benchmarks/<script> --help` does, plus a spy on the first `import torch`: the
-# script's environment must be in place by then (OpenMP reads OMP_WAIT_POLICY as torch loads).
-_RUN_AS_SCRIPT = """
-import os, runpy, sys
-seen = []
-class Spy:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" and not seen:
-            seen.append(os.environ.get(VARIABLE))
-sys.meta_path.insert(0, Spy())
-sys.path[0] = os.path.dirname(SCRIPT)
-sys.argv = [SCRIPT, "--help"]
-try:
-    runpy.run_path(SCRIPT, run_name="__main__")
-except SystemExit as exit:
-    assert not exit.code, exit.code
-print(seen)
-"""
-
-
 @pytest.mark.parametrize(("script", "variable", "value"), [
     ("quality.py", "OMP_WAIT_POLICY", "PASSIVE"), ("concepts.py", "TQDM_DISABLE", "1"),
     ("styles.py", "OMP_WAIT_POLICY", "PASSIVE"), ("bench_train.py", "TOKENIZERS_PARALLELISM", "false"),
@@ -88,7 +66,4 @@ def test_a_benchmark_run_as_a_script_sets_up_before_torch_loads(script, variable
     """From outside the checkout, without PYTHONPATH: the script finds the checkout's packages
     and has set its environment before torch is imported."""
     environment = {key: val for key, val in os.environ.items() if key not in (variable, "PYTHONPATH")}
-    code = f"SCRIPT, VARIABLE = {str(ROOT / 'benchmarks' / script)!r}, {variable!r}" + _RUN_AS_SCRIPT
-    done = subprocess.run([sys.executable, "-c", code], cwd="/", env=environment, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines()[-1] == repr([value])
+    assert variable_when_torch_loads(ROOT / "benchmarks" / script, variable, environment, cwd="/") == value
