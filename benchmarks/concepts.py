@@ -269,17 +269,20 @@ def diffusers_spot_check(concept: Concept, model: Path, judge, final_file: Path,
 
 
 def load_in_diffusers(pipe, file: Path, token: str) -> None:
-    """diffusers' own `load_textual_inversion`: once for SD 1.x, once per encoder for SDXL (its
-    documented way: the `clip_l` vectors into the first encoder, `clip_g` into the second)."""
+    """diffusers' own `load_textual_inversion`: once for SD 1.x, once per encoder for SDXL and
+    FLUX.1 (its documented way: each encoder's vectors, by the file's key, into that encoder)."""
     from safetensors.torch import load_file
 
-    if getattr(pipe, "text_encoder_2", None) is None:
+    from tinv_lib.models.architecture import of_pipeline
+
+    encoders = of_pipeline(pipe).encoders
+    if len(encoders) == 1:
         pipe.load_textual_inversion(str(file), token=token)
         return
     state = load_file(str(file))
-    pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-    pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
-                                tokenizer=pipe.tokenizer_2)
+    for slot in (slot for slot in encoders if slot.embedding_key in state):
+        pipe.load_textual_inversion(state[slot.embedding_key], token=token, text_encoder=getattr(pipe, slot.text_encoder),
+                                    tokenizer=getattr(pipe, slot.tokenizer))
 
 
 def measure_concept(concept: Concept, options: dict) -> dict:

@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from tinv_lib.models.family import family_of  # noqa: E402
 from toy_world import world  # noqa: E402
 from toy_world.examples import CONCEPT, style_target  # noqa: E402
 from toy_world.judge import load_judge  # noqa: E402
@@ -110,7 +111,14 @@ def pipeline_generator(
     so each image depends only on its own prompt and seed (up to the float rounding of batched
     matmuls), never on its neighbours in the batch. No negative prompt is passed as None, as a
     diffusers user would call it: SDXL pipelines then use zeros (`force_zeros_for_empty_prompt`),
-    but encode an explicit "" as text."""
+    but encode an explicit "" as text. FLUX.1 without a guidance embedding (models/toy-flux) takes
+    true classifier-free guidance, which needs a negative prompt: "" unless one is given; with T5,
+    prompts are the model's T5 length (`ModelFamily.t5_length`)."""
+    family = family_of(pipe)
+    extra = family.guidance_arguments(guidance_scale)
+    if family.t5_length:
+        extra["max_sequence_length"] = family.t5_length
+    negative = negative_prompt or ("" if "true_cfg_scale" in extra else None)
 
     def generate(prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
         images: list[Image.Image] = []
@@ -119,9 +127,8 @@ def pipeline_generator(
             generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + batch_size]]
             with torch.no_grad():
                 out = pipe(
-                    prompt=chunk, negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
-                    num_inference_steps=steps,
-                    guidance_scale=guidance_scale, height=64, width=64, generator=generators,
+                    prompt=chunk, negative_prompt=None if negative is None else [negative] * len(chunk),
+                    num_inference_steps=steps, height=64, width=64, generator=generators, **extra,
                 )
             images += out.images
         return images
@@ -203,7 +210,6 @@ def measure_concept(pipe, judge, embedding_file: Path, count: int = 32, seed: in
     attribute of the concept. Returns {"trained": result, "untrained": result, "cases": cases}."""
     from tinv_lib.embeddings.create import create_embedding
     from tinv_lib.embeddings.formats import load_embedding
-    from tinv_lib.models.family import family_of
 
     trained = load_embedding(embedding_file)
     family = family_of(pipe)
@@ -365,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     judge = load_judge(args.judge or args.model / JUDGE_SUBFOLDER)
     sampling = {"steps": args.steps, "guidance_scale": args.guidance_scale}
     wanted = args.only or MEASUREMENTS
+    if "style" in wanted and family_of(pipe).architecture.flow_matching:
+        print("3. hypernetwork: skipped, FLUX.1 and SD3 transformers have no cross-attention modules for one")
+        wanted = [name for name in wanted if name != "style"]
     print(f"model {args.model}, {args.steps} steps, CFG {args.guidance_scale}, seed {args.seed}, "
           f"{torch.get_num_threads()} threads")
     results: dict[str, dict] = {}  # name -> result, for the grids and the JSON

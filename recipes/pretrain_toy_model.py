@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Pretrain the toy world's SD-1.x-layout model and its judge from scratch (README "Toy world"),
-or the SDXL-layout one on the SD 1.x model's VAE and judge.
+or the SDXL- or FLUX.1-layout one on the SD 1.x model's VAE and judge.
 
     python recipes/pretrain_toy_model.py            # the committed models/toy; 49 min on 2 CPU cores
     python recipes/pretrain_toy_model.py --architecture sdxl     # the committed models/toy-xl
+    python recipes/pretrain_toy_model.py --architecture flux     # the committed models/toy-flux
     python recipes/pretrain_toy_model.py --quick --output_dir /tmp/toy   # every stage in seconds
 
 Deterministic from --seed on a given machine and thread count. Writes a diffusers folder with
@@ -26,21 +27,31 @@ if __name__ == "__main__":  # as a script, before torch loads; importing this mo
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's toy_world
 
-from toy_world.pipeline import XL_MODEL_DIR  # noqa: E402
+from toy_world.pipeline import FLUX_MODEL_DIR, XL_MODEL_DIR  # noqa: E402
 from toy_world.recipe import RecipeConfig, quick_config, run_recipe  # noqa: E402
+
+# Each architecture's model folder and VAE/latent cache.
+FOLDERS = {
+    "sd1": (RecipeConfig().output_dir, RecipeConfig().work_dir),
+    "sdxl": (XL_MODEL_DIR, Path("runs/toy_xl_pretrain")),
+    "flux": (FLUX_MODEL_DIR, Path("runs/toy_flux_pretrain")),
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = RecipeConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--architecture", choices=("sd1", "sdxl"), default=defaults.architecture,
-                        help="sdxl: two text encoders, pooled text and size ids, on --base_model's VAE and judge")
+    parser.add_argument("--architecture", choices=tuple(FOLDERS), default=defaults.architecture,
+                        help="sdxl: two text encoders, pooled text and size ids; flux: CLIP-L's pooled text, T5 and "
+                             "a flow-matching transformer; both on --base_model's VAE and judge")
     parser.add_argument("--base_model", type=Path, default=defaults.base_model,
-                        help="sdxl: the SD 1.x toy model whose VAE and judge it uses")
+                        help="sdxl, flux: the SD 1.x toy model whose VAE and judge it uses")
     parser.add_argument("--output_dir", type=Path, default=None,
-                        help=f"model folder to write (default: {defaults.output_dir} for sd1, {XL_MODEL_DIR} for sdxl)")
+                        help="model folder to write (default: " + ", ".join(f"{folder} for {arch}"
+                                                                       for arch, (folder, _) in FOLDERS.items()) + ")")
     parser.add_argument("--work_dir", type=Path, default=None,
-                        help="VAE/latent cache between runs (default: runs/toy_pretrain, runs/toy_xl_pretrain)")
+                        help="VAE/latent cache between runs (default: " + ", ".join(
+                            str(work) for _, work in FOLDERS.values()) + ")")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads and drawing processes")
     parser.add_argument("--diffusion_processes", type=int, default=defaults.diffusion_processes,
@@ -59,9 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> RecipeConfig:
     defaults = RecipeConfig()
-    xl = args.architecture == "sdxl"
-    output_dir = args.output_dir or (XL_MODEL_DIR if xl else defaults.output_dir)
-    work_dir = args.work_dir or (Path("runs/toy_xl_pretrain") if xl else defaults.work_dir)
+    folder, work = FOLDERS[args.architecture]
+    output_dir = args.output_dir or folder
+    work_dir = args.work_dir or work
     shared = {"architecture": args.architecture, "base_model": args.base_model, "seed": args.seed,
               "threads": args.threads, "diffusion_processes": args.diffusion_processes}
     if args.quick:

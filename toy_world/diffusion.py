@@ -223,6 +223,19 @@ def diffusion_loss(
     return (per_sample * weights).mean()
 
 
+@dataclass(frozen=True)
+class Objective:
+    """What the denoiser learns: its loss of one batch (`diffusion_loss`'s signature) and the
+    noise scheduler that loss reads."""
+
+    loss: Callable
+    scheduler: Callable
+
+
+def _ddpm_objective() -> Objective:
+    return Objective(diffusion_loss, build_noise_scheduler)
+
+
 # A helper that died leaves the others waiting in an all-reduce; this ends the wait with an error.
 _GLOO_TIMEOUT = datetime.timedelta(minutes=10)
 
@@ -237,10 +250,12 @@ def train_diffusion(
     checkpoint: Callable[[int, torch.nn.Module, torch.nn.Module], None] | None = None,
     checkpoint_every: int = 500,
     processes: int = 1,
+    objective: Objective | None = None,
 ):
     """Train the UNet and the text encoder(s) jointly on scaled `latents` captioned from `scenes`.
 
-    `text` is the text side (`Sd1Text`, `toy_world.xl.XlText`); its encoders train with the UNet.
+    `text` is the text side (`Sd1Text`, `toy_world.xl.XlText`, `toy_world.flux.FluxText`); its
+    encoders train with the UNet (or FLUX.1's transformer, with `objective` its flow loss).
     Returns the EMA copies `(unet, text_encoders)` in eval mode; `log(step, mean loss)` is
     called every 50 steps and `checkpoint(step, ema_unet, ema_text_encoders)` every
     `checkpoint_every` steps (to watch a long run; it must not change the models).
@@ -251,8 +266,9 @@ def train_diffusion(
     process, whose threads wait on each other in each of the step's many small operations:
     1.10-1.27x for the step alone, 1.0-1.18x inside the recipe (docs/toy_world.md).
     """
+    objective = objective or _ddpm_objective()
     if processes <= 1:
-        return _train_loop(unet, text, latents, scenes, cfg, 0, 1, log, checkpoint, checkpoint_every)
+        return _train_loop(unet, text, latents, scenes, cfg, objective, 0, 1, log, checkpoint, checkpoint_every)
     if cfg.batch_size % processes:
         raise ValueError(f"the batch size {cfg.batch_size} does not split over {processes} processes")
     import torch.distributed as dist
@@ -265,7 +281,7 @@ def train_diffusion(
     helpers = [
         context.Process(
             target=_helper_process, daemon=True,
-            args=(address, rank, processes, per_process, unet, text, latents, scenes, cfg),
+            args=(address, rank, processes, per_process, unet, text, latents, scenes, cfg, objective),
         )
         for rank in range(1, processes)
     ]
@@ -275,7 +291,7 @@ def train_diffusion(
     dist.init_process_group("gloo", init_method=address, rank=0, world_size=processes, timeout=_GLOO_TIMEOUT)
     try:
         return _train_loop(
-            unet, text, latents, scenes, cfg, 0, processes, log, checkpoint, checkpoint_every
+            unet, text, latents, scenes, cfg, objective, 0, processes, log, checkpoint, checkpoint_every
         )
     finally:
         dist.destroy_process_group()
@@ -295,7 +311,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _helper_process(address, rank, processes, threads, unet, text, latents, scenes, cfg) -> None:
+def _helper_process(address, rank, processes, threads, unet, text, latents, scenes, cfg, objective) -> None:
     """A helper of `train_diffusion`: the same loop on its part of every batch; its copy is discarded."""
     import torch.distributed as dist
 
@@ -306,7 +322,7 @@ def _helper_process(address, rank, processes, threads, unet, text, latents, scen
     text.encoders = [_rebuilt(encoder) for encoder in text.encoders]
     dist.init_process_group("gloo", init_method=address, rank=rank, world_size=processes, timeout=_GLOO_TIMEOUT)
     try:
-        _train_loop(unet, text, latents, scenes, cfg, rank, processes)
+        _train_loop(unet, text, latents, scenes, cfg, objective, rank, processes)
     finally:
         dist.destroy_process_group()
 
@@ -320,7 +336,7 @@ def _rebuilt(model):
     return fresh
 
 
-def _train_loop(unet, text, latents, scenes, cfg: DiffusionTraining, rank: int, processes: int,
+def _train_loop(unet, text, latents, scenes, cfg: DiffusionTraining, objective: Objective, rank: int, processes: int,
                 log=None, checkpoint=None, checkpoint_every: int = 500):
     """The training steps of `train_diffusion`, in process `rank` of `processes`.
 
@@ -331,7 +347,7 @@ def _train_loop(unet, text, latents, scenes, cfg: DiffusionTraining, rank: int, 
     part = slice(rank * share, (rank + 1) * share)
     generator = torch.Generator().manual_seed(cfg.seed)
     caption_rng = random.Random(f"captions/{cfg.seed}")
-    noise_scheduler = build_noise_scheduler()
+    noise_scheduler = objective.scheduler()
     models = torch.nn.ModuleList([unet, *text.encoders])
     parameters = list(models.parameters())
     ema = copy.deepcopy(models).eval().requires_grad_(False)
@@ -343,7 +359,7 @@ def _train_loop(unet, text, latents, scenes, cfg: DiffusionTraining, rank: int, 
         index = torch.randint(0, len(latents), (cfg.batch_size,), generator=generator)
         captions = [training_caption(scenes[i], caption_rng, cfg.drop_all, cfg.drop_colour, cfg.drop_background)
                     for i in index.tolist()]
-        loss = diffusion_loss(unet, text, latents[index], captions, noise_scheduler, cfg, generator, part)
+        loss = objective.loss(unet, text, latents[index], captions, noise_scheduler, cfg, generator, part)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         loss = _mean_over_processes(loss.detach().clone(), processes)

@@ -2,7 +2,8 @@
 
 `models/toy` is an ordinary diffusers `StableDiffusionPipeline` folder (safetensors weights, SD 1.x
 PNDM scheduler config, no safety checker), so every loader of the project reads it like any SD 1.x
-model; `models/toy-xl` a `StableDiffusionXLPipeline` one (`toy_world.xl`). The judge lives in
+model; `models/toy-xl` a `StableDiffusionXLPipeline` one (`toy_world.xl`), `models/toy-flux` a
+`FluxPipeline` one (`toy_world.flux`). The judge lives in
 each folder's `judge/` subfolder, which diffusers ignores.
 """
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "toy"
 XL_MODEL_DIR = DEFAULT_MODEL_DIR.with_name("toy-xl")
+FLUX_MODEL_DIR = DEFAULT_MODEL_DIR.with_name("toy-flux")
 
 
 def default_model_path() -> Path:

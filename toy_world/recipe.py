@@ -1,7 +1,8 @@
 """The toy model's whole pretraining run: data, VAE, judge, text encoder(s) + UNet, report.
 
 `architecture` "sd1" trains everything (`models/toy`); "sdxl" (`models/toy-xl`, `toy_world.xl`)
-takes the VAE and judge of `base_model` and trains only its own text encoders and UNet.
+and "flux" (`models/toy-flux`, `toy_world.flux`) take the VAE and judge of `base_model` and train
+only their own text encoders and UNet or transformer.
 
 Deterministic from one seed. Stages run in order; the VAE stage's result (weights and cached
 latents) is kept in `work_dir`, keyed by the settings that produced it, so a rerun that only
@@ -24,7 +25,7 @@ import torch
 
 from tinv_lib.common.atomic import atomic_write_bytes
 from tinv_lib.common.torch_files import safe_torch_load
-from toy_world import autoencoder, diffusion, judge, xl
+from toy_world import autoencoder, diffusion, flux, judge, xl
 from toy_world.data import draw_images, make_scenes
 from toy_world.pipeline import DEFAULT_MODEL_DIR, assemble_pipeline, save_pipeline
 from toy_world.scoring import JUDGE_SUBFOLDER
@@ -38,8 +39,8 @@ class RecipeConfig:
 
     output_dir: Path = DEFAULT_MODEL_DIR
     work_dir: Path = Path("runs/toy_pretrain")
-    architecture: str = "sd1"  # or "sdxl"
-    base_model: Path = DEFAULT_MODEL_DIR  # sdxl: the VAE and judge come from here
+    architecture: str = "sd1"  # or "sdxl", "flux"
+    base_model: Path = DEFAULT_MODEL_DIR  # sdxl, flux: the VAE and judge come from here
     seed: int = 0
     threads: int = 2
     diffusion_processes: int = 2
@@ -138,9 +139,14 @@ def base_judge_stage(cfg: RecipeConfig):
 
 
 def build_text_side_and_unet(cfg: RecipeConfig):
-    """Tokenizer(s), text encoder(s) and UNet of `cfg.architecture`, fresh from the seed."""
+    """Tokenizer(s), text encoder(s) and UNet (FLUX.1: transformer) of `cfg.architecture`, fresh
+    from the seed."""
     from testing.tokenizer_build import build_clip_tokenizer
 
+    if cfg.architecture == "flux":
+        tokenizers = flux.build_tokenizers(cfg.work_dir)
+        torch.manual_seed(cfg.seed + 1)
+        return flux.FluxText(tokenizers, flux.build_text_encoders(*tokenizers)), flux.build_transformer()
     tokenizer = build_clip_tokenizer(cfg.work_dir / "tokenizer")
     if cfg.architecture == "sdxl":
         tokenizer_2 = build_clip_tokenizer(cfg.work_dir / "tokenizer_2", pad_token="!")
@@ -155,6 +161,8 @@ def assemble(cfg: RecipeConfig, vae, unet, text_encoders: list, tokenizers: list
     """The trained parts as the pipeline of `cfg.architecture`."""
     if cfg.architecture == "sdxl":
         return xl.assemble_xl_pipeline(vae, text_encoders, tokenizers, unet)
+    if cfg.architecture == "flux":
+        return flux.assemble_flux_pipeline(vae, text_encoders, tokenizers, unet)
     return assemble_pipeline(vae, text_encoders[0], tokenizers[0], unet)
 
 
@@ -178,6 +186,7 @@ def diffusion_stage(cfg: RecipeConfig, vae, scenes, latents: torch.Tensor, log: 
     unet, text_encoders = diffusion.train_diffusion(
         unet, text, latents, scenes, cfg.diffusion, report, checkpoint, cfg.checkpoint_every,
         processes=cfg.diffusion_processes,
+        objective=diffusion.Objective(flux.flow_loss, flux.build_scheduler) if cfg.architecture == "flux" else None,
     )
     return assemble(cfg, vae, unet, text_encoders, text.tokenizers)
 
@@ -212,7 +221,7 @@ def run_recipe(cfg: RecipeConfig, log: Callable[[str], None] = print) -> dict:
     clock.stage("data", time.time() - wall, cpu_seconds() - cpu)
     log(f"drew {len(images)} images in {time.time() - wall:.0f}s")
 
-    if cfg.architecture == "sdxl":
+    if cfg.architecture != "sd1":
         vae, latents, clock.stages["vae"] = base_vae_stage(cfg, images, log)
         net, judge_report = base_judge_stage(cfg)
     else:

@@ -87,7 +87,9 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
                             "a schedule suffix works too (\"DPM++ 2M Karras\")")
     group.add_argument("--schedule_type", help="A1111 schedule type: Automatic (default), Uniform, Karras, Exponential, "
                                                "SGM Uniform, Simple, Normal, DDIM")
-    group.add_argument("--cfg_scale", type=float, help="classifier-free guidance scale (default 7)")
+    group.add_argument("--cfg_scale", type=float,
+                       help="classifier-free guidance scale (default 7); FLUX.1-dev: its distilled guidance; a FLUX.1 "
+                            "model without a guidance embedding (schnell): true guidance, 1 turns it off")
     group.add_argument("--seed", type=int, help="seed of the first image; -1 (default) draws one and prints it")
     group.add_argument("--width", type=int, help="image width (default: the model's native size)")
     group.add_argument("--height", type=int, help="image height (default: the model's native size)")

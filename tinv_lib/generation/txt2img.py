@@ -124,7 +124,7 @@ def generate(
         output = pipe(
             **inputs,
             num_inference_steps=steps,
-            guidance_scale=cfg_scale,
+            **family_of(pipe).guidance_arguments(cfg_scale),
             width=width,
             height=height,
             num_images_per_prompt=batch_size,

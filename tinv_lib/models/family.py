@@ -49,6 +49,26 @@ class ModelFamily:
         return bool(getattr(self.pipe.config, "force_zeros_for_empty_prompt", True))
 
     @property
+    def t5_length(self) -> int:
+        """T5 ids per prompt: the pipeline's default `max_sequence_length`, or the T5 tokenizer's
+        `model_max_length` where that is shorter (a model trained on shorter prompts, as
+        models/toy-flux: FLUX.1 attends to every padding token, so only that length is right);
+        0 without T5."""
+        for slot, tokenizer in zip(self.architecture.encoders, self.tokenizers):
+            if slot.is_t5:
+                return min(self.architecture.t5_max_length, int(tokenizer.model_max_length))
+        return 0
+
+    def guidance_arguments(self, cfg_scale: float) -> dict:
+        """The pipeline call's guidance: `guidance_scale` (classifier-free guidance; FLUX.1-dev's
+        distilled guidance embedding), or for a FLUX.1 transformer without that embedding
+        (schnell's layout) diffusers' `true_cfg_scale`, which needs a negative prompt."""
+        transformer = self.unet.config if self.architecture.flow_model == "flux" else None
+        if transformer is not None and not transformer.guidance_embeds:
+            return {"true_cfg_scale": cfg_scale}
+        return {"guidance_scale": cfg_scale}
+
+    @property
     def unet(self):
         """The denoiser: the UNet, or FLUX.1's / SD3's transformer."""
         return self.pipe.transformer if self.architecture.flow_matching else self.pipe.unet

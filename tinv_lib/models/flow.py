@@ -93,7 +93,7 @@ def prediction_and_target(pipe, flow_model: str, latents: torch.Tensor, noise: t
     noisy = (1.0 - sigmas[:, None, None, None]) * latents + sigmas[:, None, None, None] * noise
     hidden, pooled = conditioning
     if flow_model == "flux":
-        prediction = _flux_forward(pipe.transformer, noisy, sigmas, hidden, pooled, dtype)
+        prediction = flux_forward(pipe.transformer, noisy, sigmas, hidden, pooled, dtype)
     else:
         prediction = pipe.transformer(hidden_states=noisy.to(dtype), timestep=(sigmas * 1000).to(dtype),
                                       encoder_hidden_states=hidden.to(dtype), pooled_projections=pooled.to(dtype),
@@ -101,7 +101,7 @@ def prediction_and_target(pipe, flow_model: str, latents: torch.Tensor, noise: t
     return prediction, noise - latents
 
 
-def _flux_forward(transformer, noisy: torch.Tensor, sigmas: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor,
+def flux_forward(transformer, noisy: torch.Tensor, sigmas: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor,
                   dtype: torch.dtype) -> torch.Tensor:
     """FLUX.1's call: 2x2 patches in, positions for image and text tokens, guidance for dev."""
     batch, channels, height, width = noisy.shape

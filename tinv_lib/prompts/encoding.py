@@ -199,7 +199,8 @@ class PromptEncoder:
         """The encoder for the pipeline of a `ModelFamily`; `t5_length` is the T5 sequence length
         (`--max_sequence_length`, default the pipeline's own)."""
         return cls(family.architecture, family.tokenizers, family.text_encoders, emphasis,
-                   zero_empty_negative=family.zero_empty_negative, t5_length=t5_length)
+                   zero_empty_negative=family.zero_empty_negative,
+                   t5_length=family.t5_length if t5_length is None else t5_length)
 
     @classmethod
     def from_pipeline(cls, pipe: Any, emphasis: str = "Original", t5_length: int | None = None) -> PromptEncoder:
