@@ -1,5 +1,5 @@
 """FLUX.1 and SD3 folders are recognised and loaded as their architectures; their single files
-are refused in one line (issue 33)."""
+are recognised too (issue 33)."""
 
 from __future__ import annotations
 
@@ -29,11 +29,15 @@ def test_folders_and_pipelines_are_detected_by_their_pipeline_class(tiny_flux_pa
         assert type(family.tokenizers[-1]).__name__.startswith("T5Tokenizer")
 
 
-@pytest.mark.parametrize("key, label", [("double_blocks.0.img_attn.qkv.weight", "FLUX"),
-                                        ("model.diffusion_model.double_blocks.0.img_attn.qkv.weight", "FLUX"),
-                                        ("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "SD3")])
-def test_single_files_are_refused_in_one_line(key, label, tmp_path):
+@pytest.mark.parametrize("key, arch", [("double_blocks.0.img_attn.qkv.weight", FLUX),
+                                       ("model.diffusion_model.double_blocks.0.img_attn.qkv.weight", FLUX),
+                                       ("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", SD3)])
+def test_single_files_are_detected_and_need_a_config_folder(key, arch, tmp_path):
+    """BFL's and SAI's layouts, bare or under ComfyUI's prefix (loading them:
+    tests/test_flow_single_files.py)."""
+    assert architecture.of_checkpoint_keys([key]) is arch
     save_file({key: torch.zeros(2)}, tmp_path / "model.safetensors")
     with pytest.raises(ModelLoadError) as caught:
         load_base_model(tmp_path / "model.safetensors")
-    assert f"single-file {label} checkpoints are not read" in str(caught.value) and "\n" not in str(caught.value)
+    assert f"a single-file {arch.label} checkpoint needs --model_config DIR" in str(caught.value)
+    assert "\n" not in str(caught.value)

@@ -55,6 +55,9 @@ class TextEncoderSlot:
     open_clip: bool  # OpenCLIP layout in single files (fused q/k/v); else OpenAI CLIP's
     with_projection: bool  # has the text projection that gives SDXL's pooled text
     is_t5: bool = False  # a T5 encoder: SentencePiece pieces (no `</w>`), no 77-token windows
+    # SD3 pools CLIP-L unprojected: its single files hold no projection to read, and loading
+    # gives an identity one (as diffusers' `from_single_file` does)
+    identity_projection_in_files: bool = False
 
     def model_class(self) -> Any:
         """The transformers class of this text encoder."""
@@ -188,7 +191,8 @@ SDXL = Architecture(
     has_safety_checker=False,
 )
 # FLUX.1 (dev and schnell) and SD3/SD3.5: CLIP-L (+ CLIP-G for SD3) and T5-XXL, flow matching.
-# Single files are recognised by their transformer blocks and refused (no checkpoint layout here).
+# Single files are recognised by their transformer blocks (BFL's / SAI's layout, bare or under
+# `model.diffusion_model.`); text encoders in them sit under ComfyUI's `text_encoders.<name>.`.
 FLUX = Architecture(
     name="flux",
     encoders=(
@@ -210,7 +214,7 @@ SD3 = Architecture(
     name="sd3",
     encoders=(
         TextEncoderSlot(CLIP_L, "tokenizer", "text_encoder", "text_encoders.clip_l.transformer.text_model.",
-                        open_clip=False, with_projection=True),
+                        open_clip=False, with_projection=True, identity_projection_in_files=True),
         TextEncoderSlot(CLIP_G, "tokenizer_2", "text_encoder_2", "text_encoders.clip_g.transformer.text_model.",
                         open_clip=False, with_projection=True),
         TextEncoderSlot(T5, "tokenizer_3", "text_encoder_3", "text_encoders.t5xxl.transformer.",
@@ -308,8 +312,7 @@ def of_checkpoint_keys(keys: Iterable[str]) -> Architecture:
             return arch
     for arch in (FLUX, SD3):  # original BFL / SAI layouts, bare or under ComfyUI's prefix
         if has(arch.checkpoint_marker) or has(_COMFY_PREFIX + arch.checkpoint_marker):
-            raise ModelLoadError(f"single-file {arch.label} checkpoints are not read; pass its diffusers folder "
-                                 f"(a {arch.pipeline_class_name} folder with model_index.json)")
+            return arch
     raise ModelLoadError("not a Stable Diffusion checkpoint (no known text-encoder keys)")
 
 

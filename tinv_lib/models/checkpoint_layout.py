@@ -3,9 +3,13 @@
 A1111 users hold one `.safetensors`/`.ckpt` per model, with the key names of the original
 CompVis/Stability code. One table of rules, generated from the diffusers model's own keys, maps
 every diffusers tensor to its original name, so the same table serves both directions: writing a
-single file (tiny test models) and loading one (`tinv_lib.models.loading`). Besides renames, three
+single file (tiny test models) and loading one (`tinv_lib.models.loading`). Besides renames, these
 shape changes exist: VAE attention projections are 1x1 convolutions in the original layout,
-OpenCLIP stores q/k/v as one `in_proj` tensor, and OpenCLIP's text projection is transposed.
+OpenCLIP stores q/k/v as one `in_proj` tensor, and OpenCLIP's text projection is transposed. The
+FLUX.1 (BFL) and SD3 (SAI) transformers fuse q/k/v (FLUX.1's single blocks also the MLP input)
+into one tensor and order their final modulation shift-then-scale where diffusers has
+scale-then-shift. diffusers' own FLUX.1 reader assumes the real model's width (3072); these rules
+take every size from the model's config, so any width reads.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ from typing import Literal
 
 import torch
 
-Kind = Literal["same", "conv1x1", "qkv", "transpose"]
+Kind = Literal["same", "conv1x1", "qkv", "transpose", "concat", "swap"]
 
-UNET_PREFIX = "model.diffusion_model."
+UNET_PREFIX = "model.diffusion_model."  # also ComfyUI's and SAI's prefix of FLUX.1 / SD3 transformers
 VAE_PREFIX = "first_stage_model."
+VAE_PREFIXES = (VAE_PREFIX, "vae.")  # SD and SD3 files; ComfyUI's all-in-one FLUX.1 files
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,7 @@ class KeyRule:
     original: str
     diffusers: tuple[str, ...]
     kind: Kind = "same"
+    sizes: tuple[int, ...] = ()  # "concat": rows of each diffusers tensor, in order
 
 
 # --------------------------------------------------------------------------------------- UNet
@@ -115,20 +121,31 @@ def _vae_rule(key: str, num_blocks: int) -> KeyRule:
     return KeyRule(VAE_PREFIX + name, (key,))
 
 
-def vae_rules(vae_keys: list[str], config: dict) -> list[KeyRule]:
-    """Rules for an AutoencoderKL with the given config."""
-    return [_vae_rule(key, len(config["block_out_channels"])) for key in vae_keys]
+def vae_rules(vae_keys: list[str], config: dict, prefix: str = VAE_PREFIX) -> list[KeyRule]:
+    """Rules for an AutoencoderKL with the given config, its keys under `prefix`."""
+    rules = [_vae_rule(key, len(config["block_out_channels"])) for key in vae_keys]
+    return [KeyRule(prefix + rule.original.removeprefix(VAE_PREFIX), rule.diffusers, rule.kind) for rule in rules]
 
 
 # ------------------------------------------------------------------------------ text encoders
 
 
 def hf_clip_rules(keys: list[str], prefix: str) -> list[KeyRule]:
-    """OpenAI CLIP (SD1, SDXL's first encoder) keeps the transformers names under a prefix.
+    """OpenAI CLIP (SD1, SDXL's first encoder, FLUX.1's and SD3's CLIPs) keeps the transformers
+    names under a prefix that ends in `text_model.`; a text projection sits beside `text_model`.
 
-    transformers 5 saves CLIP keys without `text_model.`; the original layout has it.
+    transformers 5 saves CLIPTextModel keys without `text_model.`; the original layout has it.
     """
-    return [KeyRule(prefix + key.removeprefix("text_model."), (key,)) for key in keys]
+    root = prefix.removesuffix("text_model.")
+    return [KeyRule(root + key if key == "text_projection.weight" else prefix + key.removeprefix("text_model."), (key,))
+            for key in keys]
+
+
+def t5_rules(keys: list[str], prefix: str) -> list[KeyRule]:
+    """T5 encoders (FLUX.1, SD3) keep the transformers names under a prefix; the input embedding
+    is stored once, as `shared.weight` (transformers ties `encoder.embed_tokens` to it)."""
+    return [KeyRule(prefix + ("shared.weight" if key == "encoder.embed_tokens.weight" else key), (key,))
+            for key in keys]
 
 
 def open_clip_rules(keys: list[str], prefix: str) -> list[KeyRule]:
@@ -166,6 +183,128 @@ def open_clip_rules(keys: list[str], prefix: str) -> list[KeyRule]:
     return rules
 
 
+# ---------------------------------------------------------------------- FLUX.1 and SD3 transformers
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """How one kind of numbered transformer block is named in each layout."""
+
+    diffusers: str  # e.g. "transformer_blocks"
+    original: str  # e.g. "double_blocks"
+    renames: tuple[tuple[str, str], ...]  # (diffusers name start, original name start) within a block
+    fused: tuple[tuple[tuple[str, ...], str], ...]  # (diffusers modules, the one original module)
+
+
+_FLUX_TOP = (
+    ("time_text_embed.timestep_embedder.linear_1.", "time_in.in_layer."),
+    ("time_text_embed.timestep_embedder.linear_2.", "time_in.out_layer."),
+    ("time_text_embed.text_embedder.linear_1.", "vector_in.in_layer."),
+    ("time_text_embed.text_embedder.linear_2.", "vector_in.out_layer."),
+    ("time_text_embed.guidance_embedder.linear_1.", "guidance_in.in_layer."),
+    ("time_text_embed.guidance_embedder.linear_2.", "guidance_in.out_layer."),
+    ("context_embedder.", "txt_in."), ("x_embedder.", "img_in."), ("proj_out.", "final_layer.linear."),
+)
+_FLUX_BLOCKS = (
+    _Blocks("transformer_blocks", "double_blocks", (
+        ("norm1.linear.", "img_mod.lin."), ("norm1_context.linear.", "txt_mod.lin."),
+        ("attn.norm_q.weight", "img_attn.norm.query_norm.scale"), ("attn.norm_k.weight", "img_attn.norm.key_norm.scale"),
+        ("attn.norm_added_q.weight", "txt_attn.norm.query_norm.scale"),
+        ("attn.norm_added_k.weight", "txt_attn.norm.key_norm.scale"),
+        ("attn.to_out.0.", "img_attn.proj."), ("attn.to_add_out.", "txt_attn.proj."),
+        ("ff.net.0.proj.", "img_mlp.0."), ("ff.net.2.", "img_mlp.2."),
+        ("ff_context.net.0.proj.", "txt_mlp.0."), ("ff_context.net.2.", "txt_mlp.2."),
+    ), (
+        (("attn.to_q", "attn.to_k", "attn.to_v"), "img_attn.qkv"),
+        (("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), "txt_attn.qkv"),
+    )),
+    _Blocks("single_transformer_blocks", "single_blocks", (
+        ("norm.linear.", "modulation.lin."), ("attn.norm_q.weight", "norm.query_norm.scale"),
+        ("attn.norm_k.weight", "norm.key_norm.scale"), ("proj_out.", "linear2."),
+    ), ((("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear1"),)),
+)
+_SD3_TOP = (
+    ("pos_embed.pos_embed", "pos_embed"), ("pos_embed.proj.", "x_embedder.proj."),
+    ("time_text_embed.timestep_embedder.linear_1.", "t_embedder.mlp.0."),
+    ("time_text_embed.timestep_embedder.linear_2.", "t_embedder.mlp.2."),
+    ("time_text_embed.text_embedder.linear_1.", "y_embedder.mlp.0."),
+    ("time_text_embed.text_embedder.linear_2.", "y_embedder.mlp.2."),
+    ("context_embedder.", "context_embedder."), ("proj_out.", "final_layer.linear."),
+)
+_SD3_BLOCKS = (
+    _Blocks("transformer_blocks", "joint_blocks", (
+        ("norm1.linear.", "x_block.adaLN_modulation.1."), ("norm1_context.linear.", "context_block.adaLN_modulation.1."),
+        ("attn.norm_q.", "x_block.attn.ln_q."), ("attn.norm_k.", "x_block.attn.ln_k."),
+        ("attn.norm_added_q.", "context_block.attn.ln_q."), ("attn.norm_added_k.", "context_block.attn.ln_k."),
+        ("attn.to_out.0.", "x_block.attn.proj."), ("attn.to_add_out.", "context_block.attn.proj."),
+        ("attn2.norm_q.", "x_block.attn2.ln_q."), ("attn2.norm_k.", "x_block.attn2.ln_k."),
+        ("attn2.to_out.0.", "x_block.attn2.proj."),
+        ("ff.net.0.proj.", "x_block.mlp.fc1."), ("ff.net.2.", "x_block.mlp.fc2."),
+        ("ff_context.net.0.proj.", "context_block.mlp.fc1."), ("ff_context.net.2.", "context_block.mlp.fc2."),
+    ), (
+        (("attn.to_q", "attn.to_k", "attn.to_v"), "x_block.attn.qkv"),
+        (("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), "context_block.attn.qkv"),
+        (("attn2.to_q", "attn2.to_k", "attn2.to_v"), "x_block.attn2.qkv"),
+    )),
+)
+# The final modulation: shift then scale in the original layout, scale then shift in diffusers.
+_FINAL_MODULATION = ("norm_out.linear.", "final_layer.adaLN_modulation.1.")
+
+
+def _block_rule(key: str, shapes: dict, blocks: _Blocks, index: str, rest: str, prefix: str) -> KeyRule | None:
+    """The rule for one key inside a numbered block; None for the later parts of a fused group
+    (the group's rule comes with its first part)."""
+    stem, original = f"{blocks.diffusers}.{index}.", f"{prefix}{blocks.original}.{index}."
+    for parts, fused in blocks.fused:
+        for position, part in enumerate(parts):
+            if rest.startswith(part + "."):
+                if position:
+                    return None
+                what = rest[len(part) + 1:]
+                members = tuple(f"{stem}{name}.{what}" for name in parts)
+                return KeyRule(f"{original}{fused}.{what}", members, "concat",
+                               tuple(shapes[member][0] for member in members))
+    for new, old in blocks.renames:
+        if rest.startswith(new):
+            return KeyRule(original + old + rest[len(new):], (key,))
+    raise KeyError(f"no original-layout name for transformer key {key!r}")
+
+
+def _transformer_rules(shapes: dict, top: tuple, blocks: tuple[_Blocks, ...], prefix: str) -> list[KeyRule]:
+    rules: list[KeyRule] = []
+    by_name = {kind.diffusers: kind for kind in blocks}
+    for key in shapes:
+        if key.startswith(_FINAL_MODULATION[0]):
+            rules.append(KeyRule(prefix + _FINAL_MODULATION[1] + key[len(_FINAL_MODULATION[0]):], (key,), "swap"))
+        elif match := re.match(r"(\w+)\.(\d+)\.(.*)", key):
+            if match[1] not in by_name:
+                raise KeyError(f"no original-layout name for transformer key {key!r}")
+            if rule := _block_rule(key, shapes, by_name[match[1]], match[2], match[3], prefix):
+                rules.append(rule)
+        else:
+            new, old = next(((new, old) for new, old in top if key.startswith(new)), (None, None))
+            if new is None:
+                raise KeyError(f"no original-layout name for transformer key {key!r}")
+            rules.append(KeyRule(prefix + old + key[len(new):], (key,)))
+    return rules
+
+
+def flux_rules(shapes: dict[str, torch.Size], prefix: str = "") -> list[KeyRule]:
+    """Rules for a FluxTransformer2DModel (keys and shapes of its state dict): BFL's layout, bare
+    (`flux1-dev.safetensors`) or under ComfyUI's `model.diffusion_model.`."""
+    return _transformer_rules(shapes, _FLUX_TOP, _FLUX_BLOCKS, prefix)
+
+
+def sd3_rules(shapes: dict[str, torch.Size], prefix: str = UNET_PREFIX) -> list[KeyRule]:
+    """Rules for an SD3Transformer2DModel: SAI's `joint_blocks` layout. The last block reads
+    the text only (no output for it), and its text modulation is ordered like the final one."""
+    rules = _transformer_rules(shapes, _SD3_TOP, _SD3_BLOCKS, prefix)
+    last = max(int(key.split(".")[1]) for key in shapes if key.startswith("transformer_blocks."))
+    swapped = f"transformer_blocks.{last}.norm1_context.linear."
+    return [KeyRule(rule.original, rule.diffusers, "swap") if rule.diffusers[0].startswith(swapped) else rule
+            for rule in rules]
+
+
 # ------------------------------------------------------------------------------- conversions
 
 
@@ -174,8 +313,10 @@ def to_original(rules: list[KeyRule], state: dict[str, torch.Tensor]) -> dict[st
     out: dict[str, torch.Tensor] = {}
     for rule in rules:
         tensors = [state[key] for key in rule.diffusers]
-        if rule.kind == "qkv":
+        if rule.kind in ("qkv", "concat"):
             out[rule.original] = torch.cat(tensors, dim=0)
+        elif rule.kind == "swap":
+            out[rule.original] = _swap_halves(tensors[0])
         elif rule.kind == "conv1x1":
             out[rule.original] = tensors[0].reshape(*tensors[0].shape, 1, 1)
         elif rule.kind == "transpose":
@@ -198,6 +339,13 @@ def from_original(
         if rule.kind == "qkv":
             for key, part in zip(rule.diffusers, torch.chunk(tensor, 3, dim=0)):
                 out[key] = part
+        elif rule.kind == "concat":
+            if tensor.shape[0] != sum(rule.sizes):
+                raise ValueError(f"{where}: {rule.original} has {tensor.shape[0]} rows, expected {sum(rule.sizes)}")
+            for key, part in zip(rule.diffusers, torch.split(tensor, rule.sizes, dim=0)):
+                out[key] = part
+        elif rule.kind == "swap":
+            out[rule.diffusers[0]] = _swap_halves(tensor)
         elif rule.kind == "conv1x1":
             out[rule.diffusers[0]] = tensor.reshape(tensor.shape[0], tensor.shape[1])
         elif rule.kind == "transpose":
@@ -205,3 +353,9 @@ def from_original(
         else:
             out[rule.diffusers[0]] = tensor
     return out
+
+
+def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
+    """Shift-then-scale to scale-then-shift and back (the swap is its own inverse)."""
+    first, second = tensor.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)

@@ -192,12 +192,15 @@ def _load_single_file(path: Path, model_config: str | os.PathLike | None, dtype:
     if model_config is None:
         raise ModelLoadError(
             f"{path}: a single-file {arch.label} checkpoint needs --model_config DIR "
-            "(a diffusers folder of the same architecture; only its configs and tokenizers are read)"
+            "(a diffusers folder of the same architecture; its configs and tokenizers are read, "
+            "and the weights of any part the file lacks)"
         )
     config_dir = Path(model_config)
     config_arch = of_folder(config_dir)
     if config_arch != arch:
         raise ModelLoadError(f"{path}: the weights are {arch.label} but {config_dir} is a {config_arch.label} config")
+    if arch.flow_matching:
+        return _load_flow_single_file(path, state, arch, config_dir, dtype)
     components = _empty_components(config_dir, arch)
     for name, rules in _component_rules(components, arch).items():
         converted = layout.from_original(rules, state, f"{path} ({name})")
@@ -255,6 +258,103 @@ def _component_rules(components: dict, arch: Architecture) -> dict[str, list[lay
     return rules
 
 
+def _load_flow_single_file(path: Path, state: dict, arch: Architecture, config_dir: Path, dtype: torch.dtype | None):
+    """A FLUX.1 or SD3 single file: each model the file holds is read from it, in any of the
+    layouts real files have (BFL's transformer-only `flux1-dev.safetensors`, ComfyUI's and SAI's
+    all-in-one files with `vae.`/`first_stage_model.` and `text_encoders.*`); each model it lacks
+    comes from the weights in `config_dir`, as diffusers users pass those components to
+    `from_single_file`. Tokenizers and the scheduler come from `config_dir`."""
+    import importlib
+
+    components = {}
+    for name, entry in read_json(config_dir / "model_index.json").items():
+        if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+            continue
+        cls = getattr(importlib.import_module(entry[0]), entry[1])
+        if issubclass(cls, torch.nn.Module):
+            components[name] = _flow_model(path, state, arch, config_dir / name, cls, dtype)
+        else:
+            components[name] = cls.from_pretrained(config_dir / name)
+    pipe = arch.pipeline_class()(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, ModelInfo(arch.name, pipe.scheduler.config.get("prediction_type", "epsilon"), path)
+
+
+def _flow_model(path: Path, state: dict, arch: Architecture, folder: Path, cls,
+                dtype: torch.dtype | None) -> torch.nn.Module:
+    """One model of a FLUX.1/SD3 pipeline: converted from the file, or the folder's when the file
+    has none of its tensors. In `dtype`, else float32 as from a folder (not the file's own, often
+    bf16)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        if hasattr(cls, "config_class"):  # transformers
+            model = cls(cls.config_class.from_pretrained(folder))
+        else:
+            model = cls.from_config(cls.load_config(folder))
+    shapes = {key: value.shape for key, value in model.state_dict().items()}
+    where = f"{path} ({folder.name})"
+    rules = _flow_rules(folder.name, model.config, shapes, arch, state, where)
+    if not rules:
+        return _model_from_folder(path, folder, cls, arch, dtype)
+    try:
+        converted = layout.from_original(rules, state, where)
+        slot = next((slot for slot in arch.encoders if slot.text_encoder == folder.name), None)
+        if slot is not None and slot.identity_projection_in_files:
+            converted["text_projection.weight"] = torch.eye(*shapes["text_projection.weight"])
+        converted = {key: value.to(dtype or torch.float32) if value.is_floating_point() else value
+                     for key, value in converted.items()}
+        model.load_state_dict(converted, strict=True, assign=True)
+    except (KeyError, ValueError, RuntimeError) as error:
+        message = error.args[0] if isinstance(error, KeyError) else str(error)
+        raise ModelLoadError(f"{where}: does not fit {folder}: {message.splitlines()[0]}") from None
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # T5's input embedding is its `shared` matrix, stored once
+    return model.eval()
+
+
+def _flow_rules(name: str, config, shapes: dict, arch: Architecture, state: dict, where: str) -> list[layout.KeyRule]:
+    """Key rules for the FLUX.1/SD3 model `name` in the layout the file uses; [] when the file
+    holds none of its tensors. The transformer's keys must all be used (a FLUX.1-dev file read
+    with a schnell config would otherwise lose its guidance embedding)."""
+    if name == "transformer":
+        prefix = layout.UNET_PREFIX if any(key.startswith(layout.UNET_PREFIX) for key in state) else ""
+        rules = (layout.flux_rules if arch.flow_model == "flux" else layout.sd3_rules)(shapes, prefix)
+        _refuse_unused(rules, state, prefix, arch, where)
+        return rules
+    if name == "vae":
+        prefix = next((p for p in layout.VAE_PREFIXES if any(key.startswith(p + "decoder.") for key in state)), None)
+        return layout.vae_rules(list(shapes), config, prefix) if prefix else []
+    slot = next(slot for slot in arch.encoders if slot.text_encoder == name)
+    if not any(key.startswith(slot.checkpoint_prefix) for key in state):
+        return []
+    if slot.is_t5:
+        return layout.t5_rules(list(shapes), slot.checkpoint_prefix)
+    keys = [key for key in shapes if not (slot.identity_projection_in_files and key == "text_projection.weight")]
+    return layout.hf_clip_rules(keys, slot.checkpoint_prefix)
+
+
+def _refuse_unused(rules: list[layout.KeyRule], state: dict, prefix: str, arch: Architecture, where: str) -> None:
+    """Transformer tensors of the file that the config's transformer has no place for."""
+    others = (*layout.VAE_PREFIXES, *(slot.checkpoint_prefix.split(".")[0] + "." for slot in arch.encoders))
+    used = {rule.original for rule in rules}
+    unused = [key for key in state if key.startswith(prefix) and key not in used and not key.startswith(others)]
+    if unused:
+        raise ModelLoadError(f"{where}: {len(unused)} tensors have no place in the --model_config transformer, "
+                             f"e.g. {unused[0]!r} (is it the same model? FLUX.1-dev and schnell differ)")
+
+
+def _model_from_folder(path: Path, folder: Path, cls, arch: Architecture, dtype: torch.dtype | None) -> torch.nn.Module:
+    """A model the single file lacks, from the config folder's weights (one line if it has none)."""
+    try:
+        return cls.from_pretrained(folder, torch_dtype=dtype)
+    except (OSError, ValueError):
+        raise ModelLoadError(
+            f"{path} holds no {folder.name} weights and {folder} has none either: pass --model_config a "
+            f"{arch.pipeline_class_name} folder with {folder.name} weights (only the parts the file lacks are read)"
+        ) from None
+
+
 # ---------------------------------------------------------------------------------- writing
 
 
@@ -267,6 +367,8 @@ def write_single_file(pipe, path: str | os.PathLike) -> Path:
 
     path = Path(path)
     arch = of_pipeline(pipe)
+    if arch.flow_matching:
+        raise ModelLoadError(f"writing {arch.label} single files is not supported; save the diffusers folder")
     names = ["unet", "vae", *(slot.text_encoder for slot in arch.encoders)]
     components = {name: getattr(pipe, name) for name in names}
     original: dict[str, torch.Tensor] = {}
