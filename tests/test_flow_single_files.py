@@ -123,7 +123,16 @@ def test_files_that_cannot_be_read_are_refused_in_one_line(tiny_flux_path, tiny_
     save_file(state, tmp_path / "truncated.safetensors")
     with pytest.raises(ModelLoadError) as caught:
         load_base_model(tmp_path / "truncated.safetensors", tiny_flux_path)
-    assert "(transformer): does not fit" in _one_line(caught) and "1 tensors missing" in _one_line(caught)
+    assert _one_line(caught).endswith("truncated.safetensors (transformer): 1 tensors missing, "
+                                      "e.g. 'model.diffusion_model.double_blocks.0.img_attn.qkv.weight'")
+
+    state = flow_single_file_state(flux_pipe)
+    state["vae.decoder.conv_in.weight"] = state["vae.decoder.conv_in.weight"][:, :8].contiguous()
+    save_file(state, tmp_path / "narrow.safetensors")
+    with pytest.raises(ModelLoadError) as caught:
+        load_base_model(tmp_path / "narrow.safetensors", tiny_flux_path)
+    assert f"narrow.safetensors (vae): does not fit {tiny_flux_path / 'vae'}: size mismatch for " \
+           "decoder.conv_in.weight" in _one_line(caught)
 
     with pytest.raises(ModelLoadError) as caught:
         load_base_model(write_flow_single_file(flux_pipe, tmp_path / "f.safetensors"), tiny_sd3_path)
@@ -155,3 +164,26 @@ def test_the_trainer_refuses_an_unreadable_file_in_one_line_before_training(tiny
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: ") and "holds no text_encoder weights" in err[-1], err
     assert not (tmp_path / "out" / "my-thing.safetensors").exists()
+
+
+def test_sd35_transformer_options_read_as_diffusers_reads_them():
+    """SD3.5's transformer options the tiny SD3 lacks: RMS q/k norms (large, medium), a second
+    attention in the first blocks (medium), several blocks (the last one reads text only)."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    from tinv_lib.models import checkpoint_layout as layout
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                                  pooled_projection_dim=24, out_channels=16, pos_embed_max_size=16,
+                                  qk_norm="rms_norm", dual_attention_layers=(0, 1))
+    reference = model.state_dict()
+    rules = layout.sd3_rules({key: value.shape for key, value in reference.items()})
+    original = layout.to_original(rules, reference)
+    assert any(".attn2.ln_q." in key for key in original) and any(".attn.ln_k." in key for key in original)
+    converted = convert_sd3_transformer_checkpoint_to_diffusers(dict(original))
+    assert converted.keys() == reference.keys()
+    assert all(torch.equal(value, converted[key]) for key, value in reference.items())
+    assert all(torch.equal(value, reference[key]) for key, value in layout.from_original(rules, original, "t").items())

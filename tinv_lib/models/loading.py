@@ -299,15 +299,18 @@ def _flow_model(path: Path, state: dict, arch: Architecture, folder: Path, cls,
         return _model_from_folder(path, folder, cls, arch, dtype)
     try:
         converted = layout.from_original(rules, state, where)
-        slot = next((slot for slot in arch.encoders if slot.text_encoder == folder.name), None)
-        if slot is not None and slot.identity_projection_in_files:
-            converted["text_projection.weight"] = torch.eye(*shapes["text_projection.weight"])
-        converted = {key: value.to(dtype or torch.float32) if value.is_floating_point() else value
-                     for key, value in converted.items()}
+    except (KeyError, ValueError) as error:  # the message names the file, the part and a tensor
+        raise ModelLoadError(str(error.args[0])) from None
+    slot = next((slot for slot in arch.encoders if slot.text_encoder == folder.name), None)
+    if slot is not None and slot.identity_projection_in_files:
+        converted["text_projection.weight"] = torch.eye(*shapes["text_projection.weight"])
+    converted = {key: value.to(dtype or torch.float32) if value.is_floating_point() else value
+                 for key, value in converted.items()}
+    try:
         model.load_state_dict(converted, strict=True, assign=True)
-    except (KeyError, ValueError, RuntimeError) as error:
-        message = error.args[0] if isinstance(error, KeyError) else str(error)
-        raise ModelLoadError(f"{where}: does not fit {folder}: {message.splitlines()[0]}") from None
+    except RuntimeError as error:  # "Error(s) in loading state_dict for X:", then one line per error
+        detail = [line.strip() for line in str(error).splitlines() if line.strip()][1:2] or [str(error)]
+        raise ModelLoadError(f"{where}: does not fit {folder}: {detail[0]}") from None
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # T5's input embedding is its `shared` matrix, stored once
     return model.eval()
