@@ -30,6 +30,7 @@ from pathlib import Path
 from tinv_lib.common.errors import TinvError, first_line
 from tinv_lib.common.training_folders import is_training_checkpoint
 from tinv_lib.embeddings.formats import EMBEDDING_SUFFIXES, Embedding, NotAnEmbeddingError, load_embedding
+from tinv_lib.models.architecture import takes_some_encoders
 
 Dim = int | dict[str, int]
 
@@ -58,15 +59,23 @@ def width_mismatch(embedding: Embedding, expected: Dim | None) -> str | None:
     """Why `embedding` cannot be used with a model whose text width is `expected`, or None."""
     if expected is None or embedding.dim == expected or _fits_some_encoders(embedding.dim, expected):
         return None  # an int never equals a dict: forms must match too
-    return f"{embedding.name}: {_dim_text(embedding.dim)} does not fit the loaded model ({_dim_text(expected)})"
+    dim = embedding.dim
+    whole = isinstance(dim, dict) and isinstance(expected, dict) and all(expected.get(k) == w for k, w in dim.items())
+    why = ": it takes every encoder's vectors or none" if whole else ""
+    return f"{embedding.name}: {_dim_text(dim)} does not fit the loaded model ({_dim_text(expected)}){why}"
 
 
 def _fits_some_encoders(dim: Dim, expected: Dim) -> bool:
-    """A per-encoder file with the right width for some of the model's encoders and no others:
-    SD3 files with CLIP keys only (as A1111 writes and reads them) go into those encoders. The
-    per-encoder forms are whole for SDXL and FLUX.1, so only SD3 has such subsets."""
-    return isinstance(dim, dict) and isinstance(expected, dict) and bool(dim) and \
-        all(expected.get(key) == width for key, width in dim.items())
+    """A per-encoder file that is not the model's whole form but fits it: one encoder's vectors on a
+    one-encoder model when the width fits (A1111 reads any one-tensor file, whatever its key), and
+    some encoders' vectors on FLUX.1/SD3, which put them in those encoders alone (SD3 files with
+    CLIP keys only, as A1111 writes them; FLUX.1 files with CLIP-L's vectors only, as CLIP-only
+    training writes them). SDXL, as A1111, takes both encoders' vectors or none."""
+    if not isinstance(dim, dict) or not dim:
+        return False
+    if not isinstance(expected, dict):
+        return list(dim.values()) == [expected]
+    return takes_some_encoders(expected) and all(expected.get(key) == width for key, width in dim.items())
 
 
 def _dim_text(dim: Dim) -> str:

@@ -83,9 +83,10 @@ class Embedding:
 
     @property
     def vector_count(self) -> int:
-        """Prompt slots the embedding takes; for SDXL A1111 counts `clip_g` rows (else `clip_l`'s)."""
+        """Prompt slots the embedding takes; for SDXL A1111 counts `clip_g` rows (else `clip_l`'s,
+        else those of the one encoder it has)."""
         if isinstance(self.vectors, dict):
-            return int(self.vectors[CLIP_G if CLIP_G in self.vectors else CLIP_L].shape[0])
+            return int(self.vectors[CLIP_G if CLIP_G in self.vectors else self._keys()[0]].shape[0])
         return int(self.vectors.shape[0])
 
     @property
@@ -254,6 +255,12 @@ def _keyed_vectors(data: dict, where: str) -> tuple[str, dict[str, torch.Tensor]
         if form <= set(found):
             vectors = {key: _as_matrix(found[key], f"{where} [{key}]") for key in ENCODER_ORDER if key in form}
             return KEYED_FORMS[form], vectors
+    tensors = {key for key, value in data.items() if isinstance(value, torch.Tensor)}
+    if len(found) == 1 and tensors <= {CLIP_L, CLIP_G, *T5_FILE_KEYS}:
+        # one encoder's vectors alone (a CLIP-only FLUX.1 file: `clip_l`): keyed, so that a
+        # FLUX.1/SD3 model puts them in that encoder (a one-encoder model takes them as A1111 does)
+        key = next(iter(found))
+        return f"{key}-only", {key: _as_matrix(found[key], f"{where} [{key}]")}
     return None
 
 

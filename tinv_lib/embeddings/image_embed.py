@@ -37,7 +37,6 @@ from tinv_lib.embeddings.formats import (
     embedding_from_data,
     metadata_from_dict,
 )
-from tinv_lib.models.architecture import CLIP_L
 
 TEXT_CHUNK_KEY = "sd-ti-embedding"
 # Our own chunk for SDXL metadata: A1111 turns every value of a {clip_l, clip_g} dict into a
@@ -304,7 +303,7 @@ def save_png_embedding(
             f"{embedding.vector_count}v {steps}s",
         )
     data = image_payload(embedding)
-    pattern = data[CLIP_L][0] if embedding.is_keyed else data["string_to_param"]["*"][0]
+    pattern = next(iter(data.values()))[0] if embedding.is_keyed else data["string_to_param"]["*"][0]
     wrapped = insert_data_blocks(picture, data, pattern)
     if extract_data_blocks(wrapped) is None:
         raise TinvError(f"{path}: the picture hides the embedding's data blocks; use another picture")

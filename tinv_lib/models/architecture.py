@@ -126,6 +126,8 @@ class Architecture:
         else is a `TinvError` saying that `owner` does not fit this model."""
         keys = self.embedding_keys
         takes = "one text encoder" if len(keys) == 1 else f"vectors for {', '.join(keys)}"
+        if len(keys) == 1 and isinstance(vectors, Mapping) and len(vectors) == 1:
+            vectors = next(iter(vectors.values()))  # one encoder's file, whatever its key (A1111: any one tensor)
         if not isinstance(vectors, Mapping):
             if len(keys) == 1:
                 return {keys[0]: vectors}
@@ -232,6 +234,13 @@ SD3 = Architecture(
 ARCHITECTURES = {arch.name: arch for arch in (SD1, SD2, SDXL, FLUX, SD3)}
 _BY_PIPELINE_CLASS = {arch.pipeline_class_name: arch for arch in (FLUX, SD3)}  # SD1/SD2 share one class
 SDXL_KEYS = SDXL.embedding_keys  # ("clip_l", "clip_g"): the two-encoder embedding form
+
+
+def takes_some_encoders(widths: Mapping[str, int]) -> bool:
+    """Whether a model whose encoders have these embedding keys (and widths) uses an embedding
+    with vectors for only some of them, in those encoders alone: FLUX.1 and SD3 do (their prompt
+    encoding asks `flow_matching`); SDXL, as A1111, takes both encoders' vectors or none."""
+    return any(set(arch.embedding_keys) == set(widths) and arch.flow_matching for arch in ARCHITECTURES.values())
 
 
 def selectable_encoders() -> tuple[str, ...]:
