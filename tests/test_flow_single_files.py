@@ -187,3 +187,25 @@ def test_sd35_transformer_options_read_as_diffusers_reads_them():
     assert converted.keys() == reference.keys()
     assert all(torch.equal(value, converted[key]) for key, value in reference.items())
     assert all(torch.equal(value, reference[key]) for key, value in layout.from_original(rules, original, "t").items())
+
+
+def test_generate_draws_from_a_single_file_with_the_models_own_sampler(tiny_flux_path, tmp_path, capsys):
+    """The config folder says what the file is before it loads: Euler is the default, and a
+    sampler FLUX.1 lacks is refused in one line without reading the file."""
+    from PIL import Image
+
+    from tinv_lib.generation.cli import main as generate_main
+
+    single = write_flow_single_file(load_base_model(tiny_flux_path)[0], tmp_path / "flux1-dev.safetensors",
+                                    "transformer-only")
+    argv = ["--pretrained_model_name_or_path", str(single), "--model_config", str(tiny_flux_path), "--prompt",
+            "a photo", "--width", "64", "--height", "64", "--steps", "2", "--seed", "5", "--no_date_dirs"]
+    assert generate_main([*argv, "--outdir", str(tmp_path / "out")]) == 0
+    (saved,) = (tmp_path / "out").glob("*.png")
+    assert "Sampler: Euler," in Image.open(saved).info["parameters"]
+    capsys.readouterr()
+    (tmp_path / "broken.safetensors").write_bytes(b"not a model")  # never read: refused first
+    code = generate_main([*argv[:1], str(tmp_path / "broken.safetensors"), *argv[2:], "--sampler", "DPM++ 2M",
+                          "--outdir", str(tmp_path / "out2")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: sampler 'DPM++ 2M' does not exist for flow-matching"), err

@@ -407,15 +407,18 @@ def run(args: argparse.Namespace, say: Say = print, stdin: Iterable[str] | None 
 
 
 def _check_flow_model(args: argparse.Namespace, values: dict[str, Any]) -> None:
-    """FLUX.1 and SD3 folders, before they load: their one sampler (the default becomes it; any
-    other is refused) and no hypernetworks."""
+    """FLUX.1 and SD3 models, before they load (a folder, or a single file's `--model_config`):
+    their one sampler (the default becomes it; any other is refused) and no hypernetworks."""
     from tinv_lib.hypernetworks.apply import refuse_flow_models
     from tinv_lib.models.architecture import ModelLoadError, of_folder
     from tinv_lib.prompts.syntax import parse_extra_networks
 
     model = Path(args.model) if args.model else None
+    folder = model if model is not None and model.is_dir() else None
+    if folder is None and args.model_config and Path(args.model_config).is_dir():
+        folder = Path(args.model_config)  # a single file: its config folder says what it is
     try:
-        architecture = of_folder(model) if model is not None and model.is_dir() else None
+        architecture = of_folder(folder) if folder is not None else None
     except ModelLoadError:
         return  # the loader says what is wrong with it
     _check_t5_length(args.max_sequence_length, architecture)
