@@ -209,3 +209,22 @@ def test_generate_draws_from_a_single_file_with_the_models_own_sampler(tiny_flux
                           "--outdir", str(tmp_path / "out2")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: sampler 'DPM++ 2M' does not exist for flow-matching"), err
+
+
+def test_hypernetworks_on_a_single_file_are_refused_before_it_loads(tiny_flux_path, training_images, tmp_path,
+                                                                    capsys):
+    from tinv_lib.generation.cli import main as generate_main
+    from tinv_lib.training.hypernetwork import main as hypernetwork_main
+
+    never_read = tmp_path / "flux1-dev.safetensors"
+    never_read.write_bytes(b"not a model")
+    configs = str(save_model_config(tiny_flux_path, tmp_path / "configs"))
+    code = hypernetwork_main(["--pretrained_model_name_or_path", str(never_read), "--model_config", configs,
+                              "--train_data_dir", str(training_images), "--output_dir", str(tmp_path / "hn"),
+                              "--hypernetwork_name", "hn", "--resolution", "64"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(f"error: {never_read}: hypernetworks act on a UNet's cross-attention")
+    code = generate_main(["--pretrained_model_name_or_path", str(never_read), "--model_config", configs,
+                          "--prompt", "a photo <hypernet:x:1>", "--outdir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "FLUX model is a transformer" in err[0]

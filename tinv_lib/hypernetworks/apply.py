@@ -35,16 +35,18 @@ Stack = Sequence[tuple[Hypernetwork, float]]
 """Hypernetworks to apply, in order, each with its multiplier (ignored in training mode)."""
 
 
-def refuse_flow_models(model: str | Path, architecture: Any = None) -> None:
+def refuse_flow_models(model: str | Path, architecture: Any = None, model_config: str | Path | None = None) -> None:
     """Hypernetworks transform the context of a UNet's attention layers; FLUX.1's and SD3's
     transformers attend jointly over text and image tokens and have no such context, so a
     hypernetwork cannot apply. Refused in one line, from the loaded model's `architecture` or,
-    before loading, from a diffusers folder's configs (anything else is left to the loader)."""
+    before loading, from a diffusers folder's configs (a single file's: its `model_config`;
+    anything else is left to the loader)."""
     from tinv_lib.models.architecture import ModelLoadError, of_folder
 
     if architecture is None:
+        folder = next((Path(f) for f in (model, model_config) if f and Path(f).is_dir()), None)
         try:
-            architecture = of_folder(Path(model)) if Path(model).is_dir() else None
+            architecture = of_folder(folder) if folder is not None else None
         except ModelLoadError:
             return
     if architecture is not None and architecture.flow_matching:

@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _check_hypernetwork_flags(args: argparse.Namespace) -> None:
     from tinv_lib.hypernetworks.apply import refuse_flow_models
 
-    refuse_flow_models(args.pretrained_model_name_or_path)
+    refuse_flow_models(args.pretrained_model_name_or_path, model_config=args.model_config)
     require_file("resume_from_hypernetwork", args.resume_from_hypernetwork)
     if not args.resume_from_hypernetwork:
         _create_options(args)  # bad structures and dropout values fail here, before the model loads
