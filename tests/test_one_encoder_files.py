@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tinv_lib.embeddings import load_embedding
+from tinv_lib.embeddings import load_embedding, save_embedding
 from tinv_lib.embeddings.database import EmbeddingDatabase
 from tinv_lib.models.loading import load_base_model
 from tinv_lib.prompts.encoding import PromptEncoder
@@ -57,10 +57,14 @@ def test_a_flux_file_with_clip_l_only_goes_into_clip_l_and_t5_reads_the_name(tin
 
 def test_a_t5_only_file_goes_into_t5_alone(tiny_flux_path, tmp_path):
     vectors = torch.randn(2, 40, generator=torch.Generator().manual_seed(4))
-    save_file({"t5xxl": vectors, "t5": vectors.clone()}, tmp_path / "my-thing.safetensors")
-    assert load_embedding(tmp_path / "my-thing.safetensors").dim == {"t5": 40}
+    (tmp_path / "db").mkdir()
+    save_file({"t5xxl": vectors, "t5": vectors.clone()}, tmp_path / "db" / "my-thing.safetensors")
+    embedding = load_embedding(tmp_path / "db" / "my-thing.safetensors")
+    assert embedding.dim == {"t5": 40} and embedding.vector_count == 2
+    picture = save_embedding(embedding, tmp_path / "picture" / "my-thing.png")  # the PNG form keeps it too
+    assert torch.equal(load_embedding(picture).vectors["t5"], vectors)
     encoder = PromptEncoder.from_pipeline(load_base_model(tiny_flux_path)[0])
-    used, plain = encoder.encode(PROMPT, _database(tmp_path, encoder)), encoder.encode(PROMPT)
+    used, plain = encoder.encode(PROMPT, _database(tmp_path / "db", encoder)), encoder.encode(PROMPT)
     assert torch.equal(used.pooled, plain.pooled) and not torch.equal(used.embeds, plain.embeds)
 
 
