@@ -167,3 +167,20 @@ def test_sigterm_to_either_node_stops_both_with_one_checkpoint(tiny_sd1_path, tr
     step = _state(checkpoints[0])["step"]
     assert 3 <= step < 5000 and load_embedding(out / "tok.pt").step == step
     assert "Training interrupted at step" in joined
+
+
+def test_early_stopping_on_two_processes_stops_where_one_process_does(tiny_sd1_path, training_images, tmp_path):
+    """DVAR's stop is decided on the main process and agreed by every process: 2 processes × batch
+    2 stop at the step 1 process × batch 4 stops at, with the same vectors and best step, both
+    ranks exit 0, and the best file is written once."""
+    flags = ("--max_train_steps", "40", "--learning_rate", "0.05", "--validation_loss_steps", "1",
+             "--early_stopping", "dvar", "--early_stopping_window", "10", "--early_stopping_threshold", "0.15",
+             "--keep_best")
+    two = _run("ti", 2, _argv("ti", tiny_sd1_path, training_images, tmp_path / "two", *flags, "--train_batch_size", "2"))
+    _run("ti", 1, _argv("ti", tiny_sd1_path, training_images, tmp_path / "one", *flags, "--train_batch_size", "4"))
+    one_file, two_file = load_embedding(tmp_path / "one" / "tok.pt"), load_embedding(tmp_path / "two" / "tok.pt")
+    assert 10 < one_file.step == two_file.step < 40, two
+    assert two.count(f"early stopping at step {two_file.step}") == 1
+    assert torch.allclose(one_file.vectors, two_file.vectors, atol=1e-5, rtol=0)
+    best = [load_embedding(tmp_path / run / "tok-best.safetensors") for run in ("one", "two")]
+    assert best[0].step == best[1].step and torch.allclose(best[0].vectors, best[1].vectors, atol=1e-5, rtol=0)
