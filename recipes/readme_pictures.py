@@ -4,6 +4,7 @@
     python train_textual_inversion.py ... --output_dir output/toy-concept     # the README quickstart
     python benchmarks/quality.py --save_grids output/quality/grids            # before/after images
     python benchmarks/quality.py --model models/toy-xl --only prompts --save_grids output/quality-xl/grids
+    python benchmarks/quality.py --model models/toy-flux --only prompts --save_grids output/quality-flux/grids
     python benchmarks/concepts.py --save_grids output/concepts/grids          # the concept suite
     python benchmarks/concepts.py --masks --concepts toy-s05 --save_grids output/concepts/masks-grids
     python recipes/readme_pictures.py                                         # -> docs/images/*.png
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grids", type=Path, default=ROOT / "output" / "quality" / "grids")
     parser.add_argument("--xl_grids", type=Path, default=ROOT / "output" / "quality-xl" / "grids",
                         help="quality.py --model models/toy-xl --save_grids's folder")
+    parser.add_argument("--flux_grids", type=Path, default=ROOT / "output" / "quality-flux" / "grids",
+                        help="quality.py --model models/toy-flux --save_grids's folder")
     parser.add_argument("--concept_grids", type=Path, default=ROOT / "output" / "concepts" / "grids")
     parser.add_argument("--mask_grids", type=Path, default=ROOT / "output" / "concepts" / "masks-grids")
     parser.add_argument("--mask_work_dir", type=Path, default=ROOT / "output" / "concepts" / "masks",
@@ -122,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         "sdxl_prompt_following.png": lambda: labelled_rows([
             ("models/toy\n(SD 1.x layout)", first_row(args.grids / "prompts.png")),
             ("models/toy-xl\n(SDXL layout)", first_row(args.xl_grids / "prompts.png")),
+        ]),
+        "flux_prompt_following.png": lambda: labelled_rows([
+            ("models/toy\n(SD 1.x layout)", first_row(args.grids / "prompts.png")),
+            ("models/toy-xl\n(SDXL layout)", first_row(args.xl_grids / "prompts.png")),
+            ("models/toy-flux\n(FLUX.1 layout)", first_row(args.flux_grids / "prompts.png")),
         ]),
         "concept_edit_masks.png": lambda: concept_edit_rows(args.mask_concept, args.concept_grids, args.mask_grids,
                                                             args.mask_work_dir),
