@@ -176,6 +176,34 @@ def test_diffusers_draws_with_the_trained_file_loaded_its_documented_way(tiny_fl
     assert numpy.array_equal(numpy.asarray(drawn), numpy.asarray(theirs))
 
 
+def test_sd3_draws_with_the_trained_file_loaded_by_hand(tiny_sd3_path, training_images, tmp_path):
+    """SD3 pipelines have no textual-inversion loader; the way docs/flux_sd3.md gives (add the
+    tokens to each tokenizer, write each key's rows into its encoder's input embeddings) encodes
+    the prompt bit for bit as tinv does and draws tinv's image."""
+    args = parse_args(_argv(tiny_sd3_path, training_images, tmp_path, "--max_train_steps", "2", "--learning_rate",
+                            "0.05"))
+    assert run_training(args, TextualInversionTask(args)) == 0
+    embedding = load_embedding(tmp_path / "my-thing.safetensors")
+    state = load_file(tmp_path / "my-thing.safetensors")
+    pipe, _ = load_base_model(tiny_sd3_path)
+    ours = PromptEncoder.from_pipeline(pipe).encode(["a photo of my-thing"], {"my-thing": embedding})
+    tokens = ["<m0>", "<m1>"]
+    for key, tokenizer, encoder in (("clip_l", pipe.tokenizer, pipe.text_encoder),
+                                    ("clip_g", pipe.tokenizer_2, pipe.text_encoder_2),
+                                    ("t5", pipe.tokenizer_3, pipe.text_encoder_3)):
+        tokenizer.add_tokens(tokens)
+        encoder.resize_token_embeddings(len(tokenizer))
+        with torch.no_grad():
+            encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(tokens)] = state[key]
+    embeds, _, pooled, _ = pipe.encode_prompt("a photo of <m0> <m1>", None, None, do_classifier_free_guidance=False)
+    assert torch.equal(ours.pooled, pooled) and torch.equal(ours.embeds, embeds)
+    drawn = generate(pipe, "a photo of my-thing", seed=3, steps=3, cfg_scale=3.5, width=64, height=64,
+                     embeddings={"my-thing": embedding}).images[0]
+    theirs = pipe("a photo of <m0> <m1>", num_inference_steps=3, guidance_scale=3.5, width=64, height=64,
+                  generator=torch.Generator().manual_seed(3)).images[0]
+    assert numpy.array_equal(numpy.asarray(drawn), numpy.asarray(theirs))
+
+
 def test_two_processes_train_as_one(tiny_flux_path, training_images, tmp_path):
     """Batch 2 on one process and batch 1 on each of two (torchrun, gloo on the CPU) see the same
     samples and give the same vectors (Adam's epsilon 1e-4 so the all-reduce's rounding stays
