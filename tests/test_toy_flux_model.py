@@ -103,3 +103,17 @@ def test_recipe_quick_mode_writes_a_flux_pipeline_that_repeats_bit_for_bit(tmp_p
     assert first.keys() == again.keys() and all(torch.equal(first[name], again[name]) for name in first)
     pipe, info = load_base_model(tmp_path / "first")
     assert info.arch == "flux" and pipe.tokenizer_2.model_max_length == 32
+
+
+def test_generate_draws_at_the_models_own_size(tmp_path, capsys):
+    """generate.py without --width/--height draws at the VAE's `sample_size` (64 here; FLUX.1
+    pipelines would default to 1024 whatever the model), with its one sampler."""
+    from PIL import Image
+
+    from tinv_lib.generation.cli import main
+
+    argv = ["--model", str(FLUX_MODEL_DIR), "--prompt", "a red star", "--steps", "2", "--seed", "1",
+            "--outdir", str(tmp_path / "out"), "--no_date_dirs"]
+    assert main(argv) == 0, capsys.readouterr().err
+    (image,) = (tmp_path / "out").glob("*.png")
+    assert Image.open(image).size == (64, 64)

@@ -175,10 +175,12 @@ class Session:
         return self.encoders[emphasis]
 
     def native_size(self) -> int:
-        """The model's native image side (UNet sample size × VAE scale factor; FLUX.1's and SD3's
-        pipelines say theirs as `default_sample_size`)."""
-        size = getattr(self.pipe, "default_sample_size", None) if hasattr(self.pipe, "transformer") else None
-        return int(size or self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+        """The model's native image side: UNet sample size × VAE scale factor; for FLUX.1 and SD3
+        the VAE's own `sample_size` (1024 in theirs, 64 in the toy model's), since FLUX.1
+        pipelines hard-code 1024 as their default whatever the model."""
+        if hasattr(self.pipe, "transformer"):
+            return int(self.pipe.vae.config.sample_size)
+        return int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
 
 
 def default_model() -> Path:
