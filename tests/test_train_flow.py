@@ -135,8 +135,9 @@ def test_snr_gamma_is_refused_for_flow_models_before_loading(tiny_flux_path, tra
     assert code == 2 and err[-1].startswith("error: --snr_gamma weighs DDPM timesteps"), err
 
 
-def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tiny_flux_path, training_images, tmp_path):
-    flags = ("--learning_rate", "0.02", "--seed", "3", "--checkpointing_steps", "2")
+@pytest.mark.parametrize("scale", ["none", "vocab_norm"])
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(scale, tiny_flux_path, training_images, tmp_path):
+    flags = ("--learning_rate", "0.02", "--seed", "3", "--checkpointing_steps", "2", "--encoder_lr_scale", scale)
     whole = parse_args(_argv(tiny_flux_path, training_images, tmp_path / "whole", "--max_train_steps", "4", *flags))
     assert run_training(whole, TextualInversionTask(whole)) == 0
     first = parse_args(_argv(tiny_flux_path, training_images, tmp_path / "cut", "--max_train_steps", "4", *flags))
@@ -150,6 +151,38 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tiny_flux_path, t
     expected, resumed = (load_embedding(tmp_path / folder / "my-thing.safetensors") for folder in ("whole", "cut"))
     assert resumed.step == 4
     assert all(torch.equal(expected.vectors[key], resumed.vectors[key]) for key in expected.vectors)
+
+
+def _vocabulary_median(encoder) -> float:
+    return float(torch.linalg.vector_norm(encoder.get_input_embeddings().weight.float(), dim=1).median())
+
+
+@pytest.mark.parametrize("flow_model", ["flux", "sd3"])
+def test_vocab_norm_steps_each_encoder_at_its_vocabularys_scale(flow_model, request, training_images, tmp_path):
+    """Adam's first step moves every number by about the learning rate: with `--encoder_lr_scale
+    vocab_norm` each encoder's vectors move by the rate times its vocabulary's median norm over
+    CLIP-L's, measured here from the encoders' own embedding tables."""
+    model = request.getfixturevalue(f"tiny_{flow_model}_path")
+    args = parse_args(_argv(model, training_images, tmp_path, "--max_train_steps", "1", "--learning_rate", "0.001",
+                            "--encoder_lr_scale", "vocab_norm", "--adam_epsilon", "1e-12"))
+    task = TextualInversionTask(args)
+    assert run_training(args, task) == 0
+    encoders = dict(zip(task.family.architecture.embedding_keys, task.family.text_encoders))
+    first = _vocabulary_median(encoders["clip_l"])
+    for key, encoder in encoders.items():
+        moved = (task.state_tensors()[key].cpu() - task.initial[key]).abs().max().item()
+        assert moved == pytest.approx(0.001 * _vocabulary_median(encoder) / first, rel=1e-3), key
+    assert len({round(task.encoder_lr_scales()[key], 6) for key in encoders}) == len(encoders)  # a rate of its own each
+
+
+def test_vocab_norm_changes_nothing_on_one_encoder(tiny_sd1_path, training_images, tmp_path):
+    runs = {}
+    for scale in ("none", "vocab_norm"):
+        args = parse_args(_argv(tiny_sd1_path, training_images, tmp_path / scale, "--max_train_steps", "2",
+                                "--encoder_lr_scale", scale))
+        assert run_training(args, TextualInversionTask(args)) == 0
+        runs[scale] = load_embedding(tmp_path / scale / "my-thing.safetensors").vectors
+    assert torch.equal(runs["none"], runs["vocab_norm"])
 
 
 def test_diffusers_draws_with_the_trained_file_loaded_its_documented_way(tiny_flux_path, training_images, tmp_path):

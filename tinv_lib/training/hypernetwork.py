@@ -128,6 +128,9 @@ class HypernetworkTask:
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.network.parameters())
 
+    def parameter_groups(self) -> list[dict]:
+        return [{"params": self.parameters()}]
+
     def set_training(self, training: bool) -> None:
         """Training mode: dropout on, multiplier ignored (A1111); eval mode for previews."""
         self.network.train(training)

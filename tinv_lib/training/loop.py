@@ -212,7 +212,7 @@ def _optimizer_step(run: TrainingRun, rate: float) -> float:
     if run.clip_value and run.clip_value.rate_at(run.step):
         torch.nn.utils.clip_grad_value_(run.params, run.clip_value.rate_at(run.step))
     for group in run.optimizer.param_groups:
-        group["lr"] = rate * run.progress.lr_multiplier
+        group["lr"] = rate * run.progress.lr_multiplier * group.get("lr_scale", 1.0)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     if norm_control is not None:

@@ -59,7 +59,7 @@ def set_up(args, task: TrainingTask) -> TrainingRun:
     noise_scheduler = family.noise_scheduler()
     images, plan, batch = _batch_plan(args, images, family, device, accelerator)
     params = task.parameters()
-    optimizer = build_optimizer(params, args)
+    optimizer = build_optimizer(task.parameter_groups(), args)
     resumed = _resume(args, task, optimizer, output_dir, file_step)
     optimizer = accelerator.prepare(optimizer)
     if resumed.scaler is not None and accelerator.scaler is not None:

@@ -66,6 +66,10 @@ class TrainingTask(Protocol):
 
     def parameters(self) -> list[torch.nn.Parameter]: ...
 
+    def parameter_groups(self) -> list[dict]:
+        """The optimizer's parameter groups; a group's `lr_scale` (default 1) multiplies the
+        scheduled learning rate for its parameters."""
+
     def conditioning(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text conditioning (and SDXL pooled embeds), differentiable w.r.t. the trainables."""
 
