@@ -157,14 +157,15 @@ def _vocabulary_median(encoder) -> float:
     return float(torch.linalg.vector_norm(encoder.get_input_embeddings().weight.float(), dim=1).median())
 
 
-@pytest.mark.parametrize("flow_model", ["flux", "sd3"])
-def test_vocab_norm_steps_each_encoder_at_its_vocabularys_scale(flow_model, request, training_images, tmp_path):
+@pytest.mark.parametrize(("flow_model", "mode"), [("flux", "vocab_norm"), ("sd3", "vocab_norm"), ("flux", "auto")])
+def test_vocab_norm_steps_each_encoder_at_its_vocabularys_scale(flow_model, mode, request, training_images, tmp_path):
     """Adam's first step moves every number by about the learning rate: with `--encoder_lr_scale
-    vocab_norm` each encoder's vectors move by the rate times its vocabulary's median norm over
-    CLIP-L's, measured here from the encoders' own embedding tables."""
+    vocab_norm` (the default, auto, on models with T5) each encoder's vectors move by the rate
+    times its vocabulary's median norm over CLIP-L's, measured here from the encoders' own
+    embedding tables."""
     model = request.getfixturevalue(f"tiny_{flow_model}_path")
     args = parse_args(_argv(model, training_images, tmp_path, "--max_train_steps", "1", "--learning_rate", "0.001",
-                            "--encoder_lr_scale", "vocab_norm", "--adam_epsilon", "1e-12"))
+                            "--encoder_lr_scale", mode, "--adam_epsilon", "1e-12"))
     task = TextualInversionTask(args)
     assert run_training(args, task) == 0
     encoders = dict(zip(task.family.architecture.embedding_keys, task.family.text_encoders))
@@ -175,7 +176,12 @@ def test_vocab_norm_steps_each_encoder_at_its_vocabularys_scale(flow_model, requ
     assert len({round(task.encoder_lr_scales()[key], 6) for key in encoders}) == len(encoders)  # a rate of its own each
 
 
-def test_vocab_norm_changes_nothing_on_one_encoder(tiny_sd1_path, training_images, tmp_path):
+def test_vocab_norm_changes_nothing_on_one_encoder_and_auto_leaves_sdxl_alone(tiny_sd1_path, tiny_sdxl_path,
+                                                                               training_images, tmp_path):
+    args = parse_args(_argv(tiny_sdxl_path, training_images, tmp_path / "xl", "--max_train_steps", "1"))
+    task = TextualInversionTask(args)
+    assert run_training(args, task) == 0
+    assert task.encoder_lr_scales() == {"clip_l": 1.0, "clip_g": 1.0} and len(task.parameter_groups()) == 1
     runs = {}
     for scale in ("none", "vocab_norm"):
         args = parse_args(_argv(tiny_sd1_path, training_images, tmp_path / scale, "--max_train_steps", "2",

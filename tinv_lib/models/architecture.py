@@ -95,6 +95,11 @@ class Architecture:
         return bool(self.flow_model)
 
     @property
+    def has_t5(self) -> bool:
+        """One of the text encoders is T5 (FLUX.1, SD3)."""
+        return any(slot.is_t5 for slot in self.encoders)
+
+    @property
     def label(self) -> str:
         """The name as users read it: SD1, SD2, SDXL."""
         return self.name.upper()

@@ -56,10 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max_sequence_length", type=int,
                        help="FLUX.1 and SD3: T5 tokens per prompt (default: the pipeline's, 512 on FLUX.1 and 256 on "
                             "SD3; at most 512); fewer save memory and time, and previews use the same length")
-    group.add_argument("--encoder_lr_scale", choices=("none", "vocab_norm"), default="none",
+    group.add_argument("--encoder_lr_scale", choices=("auto", "none", "vocab_norm"), default="auto",
                        help="on a model with several text encoders: vocab_norm steps each encoder's vectors at "
                             "--learning_rate times its vocabulary's median norm over the first encoder's (T5's "
-                            "numbers are some 50x CLIP's); none (default): one rate for all")
+                            "numbers are some 60x CLIP's); none: one rate for all; auto (default): vocab_norm on "
+                            "models with T5 (FLUX.1, SD3), none on the others (measured: docs/training.md)")
     group.add_argument("--norm_mode", choices=NORM_MODES, default="none",
                        help="hold each vector's norm at --norm_target: preserve (rescale after every step) or "
                             "direction (learn only the direction: tangent gradient, then renormalise); not yet "
@@ -273,7 +274,8 @@ class TextualInversionTask:
         return [vectors for vectors in self.vectors.values() if vectors.requires_grad]
 
     def parameter_groups(self) -> list[dict]:
-        """One group, or with `--encoder_lr_scale vocab_norm` one per encoder whose rate is scaled
+        """One group, or with `--encoder_lr_scale vocab_norm` (the default on models with T5) one
+        per encoder whose rate is scaled
         by its vocabulary's median norm over the first encoder's (`encoder_lr_scales`)."""
         scales = self.encoder_lr_scales()
         trained = [key for key, vectors in self.vectors.items() if vectors.requires_grad]
@@ -284,10 +286,13 @@ class TextualInversionTask:
     def encoder_lr_scales(self) -> dict[str, float]:
         """Each encoder's learning-rate factor. Adam-like optimizers step every number by about
         the learning rate whatever its gradient, so a rate tuned on CLIP vectors (coordinates
-        about 0.02 in the toy models, 0.014 in CLIP-L) barely turns T5 vectors (coordinates
-        about 1): with `vocab_norm`, each encoder's vectors step in proportion to its own
-        vocabulary's scale (docs/training.md, "Learning rate per encoder")."""
-        if self.args.encoder_lr_scale == "none" or len(self.vectors) == 1:
+        about 0.02 in the toy models) barely turns T5 vectors (about 1, some 60 times larger):
+        with `vocab_norm`, each encoder's vectors step in proportion to its own vocabulary's
+        scale (docs/training.md, "Learning rate per encoder")."""
+        mode = self.args.encoder_lr_scale
+        if mode == "auto":
+            mode = "vocab_norm" if self.family.architecture.has_t5 else "none"
+        if mode == "none" or len(self.vectors) == 1:
             return {key: 1.0 for key in self.vectors}
         from tinv_lib.embeddings.diagnostics import vocabularies_of
 
