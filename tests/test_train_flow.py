@@ -191,23 +191,19 @@ def test_vocab_norm_changes_nothing_on_one_encoder_and_auto_leaves_sdxl_alone(ti
     assert torch.equal(runs["none"], runs["vocab_norm"])
 
 
-def test_diffusers_draws_with_the_trained_file_loaded_its_documented_way(tiny_flux_path, training_images, tmp_path):
-    """The saved file in diffusers' FluxPipeline (one load_textual_inversion per encoder) gives,
-    bit for bit, the prompt embeds tinv's encoder gives with the embedding (the T5 placeholder is
-    one slot per vector either way), and the pipeline draws the image tinv draws."""
-    args = parse_args(_argv(tiny_flux_path, training_images, tmp_path, "--max_train_steps", "2", "--learning_rate",
-                            "0.05"))
+def _trained_file_and_tinvs_encoding(model, data, out):
+    """Two steps of training; the saved embedding, its raw tensors, a fresh pipeline and tinv's
+    encoding of "a photo of my-thing" with the embedding."""
+    args = parse_args(_argv(model, data, out, "--max_train_steps", "2", "--learning_rate", "0.05"))
     assert run_training(args, TextualInversionTask(args)) == 0
-    embedding = load_embedding(tmp_path / "my-thing.safetensors")
-    state = load_file(tmp_path / "my-thing.safetensors")
-    pipe, _ = load_base_model(tiny_flux_path)
+    embedding = load_embedding(out / "my-thing.safetensors")
+    pipe, _ = load_base_model(model)
     ours = PromptEncoder.from_pipeline(pipe).encode(["a photo of my-thing"], {"my-thing": embedding})
-    tokens = ["<m0>", "<m1>"]
-    pipe.load_textual_inversion(state["clip_l"], token=tokens, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-    pipe.load_textual_inversion(state["t5"], token=tokens, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
-    embeds, pooled, _ = pipe.encode_prompt(["a photo of <m0> <m1>"], prompt_2=None, max_sequence_length=512)
-    assert torch.equal(ours.pooled, pooled) and torch.equal(ours.embeds, embeds)
-    assert family_of(pipe).architecture.name == "flux"
+    return embedding, load_file(out / "my-thing.safetensors"), pipe, ours
+
+
+def _assert_tinv_and_the_pipeline_draw_alike(pipe, embedding) -> None:
+    """tinv with the embedding and the pipeline with its tokens `<m0> <m1>` loaded draw one image."""
     drawn = generate(pipe, "a photo of my-thing", seed=3, steps=3, cfg_scale=3.5, width=64, height=64,
                      embeddings={"my-thing": embedding}).images[0]
     theirs = pipe("a photo of <m0> <m1>", num_inference_steps=3, guidance_scale=3.5, width=64, height=64,
@@ -215,17 +211,25 @@ def test_diffusers_draws_with_the_trained_file_loaded_its_documented_way(tiny_fl
     assert numpy.array_equal(numpy.asarray(drawn), numpy.asarray(theirs))
 
 
+def test_diffusers_draws_with_the_trained_file_loaded_its_documented_way(tiny_flux_path, training_images, tmp_path):
+    """The saved file in diffusers' FluxPipeline (one load_textual_inversion per encoder) gives,
+    bit for bit, the prompt embeds tinv's encoder gives with the embedding (the T5 placeholder is
+    one slot per vector either way), and the pipeline draws the image tinv draws."""
+    embedding, state, pipe, ours = _trained_file_and_tinvs_encoding(tiny_flux_path, training_images, tmp_path)
+    tokens = ["<m0>", "<m1>"]
+    pipe.load_textual_inversion(state["clip_l"], token=tokens, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["t5"], token=tokens, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    embeds, pooled, _ = pipe.encode_prompt(["a photo of <m0> <m1>"], prompt_2=None, max_sequence_length=512)
+    assert torch.equal(ours.pooled, pooled) and torch.equal(ours.embeds, embeds)
+    assert family_of(pipe).architecture.name == "flux"
+    _assert_tinv_and_the_pipeline_draw_alike(pipe, embedding)
+
+
 def test_sd3_draws_with_the_trained_file_loaded_by_hand(tiny_sd3_path, training_images, tmp_path):
     """SD3 pipelines have no textual-inversion loader; the way docs/flux_sd3.md gives (add the
     tokens to each tokenizer, write each key's rows into its encoder's input embeddings) encodes
     the prompt bit for bit as tinv does and draws tinv's image."""
-    args = parse_args(_argv(tiny_sd3_path, training_images, tmp_path, "--max_train_steps", "2", "--learning_rate",
-                            "0.05"))
-    assert run_training(args, TextualInversionTask(args)) == 0
-    embedding = load_embedding(tmp_path / "my-thing.safetensors")
-    state = load_file(tmp_path / "my-thing.safetensors")
-    pipe, _ = load_base_model(tiny_sd3_path)
-    ours = PromptEncoder.from_pipeline(pipe).encode(["a photo of my-thing"], {"my-thing": embedding})
+    embedding, state, pipe, ours = _trained_file_and_tinvs_encoding(tiny_sd3_path, training_images, tmp_path)
     tokens = ["<m0>", "<m1>"]
     for key, tokenizer, encoder in (("clip_l", pipe.tokenizer, pipe.text_encoder),
                                     ("clip_g", pipe.tokenizer_2, pipe.text_encoder_2),
@@ -236,11 +240,7 @@ def test_sd3_draws_with_the_trained_file_loaded_by_hand(tiny_sd3_path, training_
             encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(tokens)] = state[key]
     embeds, _, pooled, _ = pipe.encode_prompt("a photo of <m0> <m1>", None, None, do_classifier_free_guidance=False)
     assert torch.equal(ours.pooled, pooled) and torch.equal(ours.embeds, embeds)
-    drawn = generate(pipe, "a photo of my-thing", seed=3, steps=3, cfg_scale=3.5, width=64, height=64,
-                     embeddings={"my-thing": embedding}).images[0]
-    theirs = pipe("a photo of <m0> <m1>", num_inference_steps=3, guidance_scale=3.5, width=64, height=64,
-                  generator=torch.Generator().manual_seed(3)).images[0]
-    assert numpy.array_equal(numpy.asarray(drawn), numpy.asarray(theirs))
+    _assert_tinv_and_the_pipeline_draw_alike(pipe, embedding)
 
 
 def test_two_processes_train_as_one(tiny_flux_path, training_images, tmp_path):
