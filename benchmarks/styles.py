@@ -23,6 +23,7 @@ shape-swap, pattern-swap-no-dots) run by name.
 
     python benchmarks/styles.py --json output/styles/styles.json --save_grids output/styles/grids
     python benchmarks/styles.py --styles pattern-swap --threads 1   # one style, e.g. an alternative
+    python benchmarks/styles.py --train_flags "--early_stopping dvar --keep_best --validation_loss_steps 50"
     python benchmarks/styles.py --quick          # 2 styles, 2 training steps, 2 prompts (the test)
 """
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 from collections import Counter
@@ -57,16 +59,32 @@ STYLE_OFF = 0.10  # multiplier 0: at most this share does
 QUICK = {"styles": [s.name for s in STYLES[:2]], "train_steps": 2, "num_prompts": 2, "steps": 4}
 
 
-def training_flags(style: Style, data_dir: Path, max_train_steps: int | None = None) -> list[str]:
+def training_flags(style: Style, data_dir: Path, max_train_steps: int | None = None,
+                   extra: Sequence[str] = ()) -> list[str]:
     """The README recipe (`quality.STYLE_TRAINING_FLAGS`) with the style's data folder and name
-    (and, for the quick test only, fewer steps)."""
+    (and, for the quick test only, fewer steps), then `extra` flags (the last value of a flag wins)."""
     own = {"--train_data_dir": str(data_dir), "--hypernetwork_name": style.name}
     if max_train_steps is not None:
         own["--max_train_steps"] = str(max_train_steps)
     flags = list(quality.STYLE_TRAINING_FLAGS)
     for key, value in own.items():
         flags[flags.index(key) + 1] = value
-    return flags
+    return flags + list(extra)
+
+
+def judged_file(style: Style, run_folder: Path, keep_best: bool) -> tuple[Path, int, int]:
+    """The folder whose `<name>.pt` is judged, that file's step and the steps run: the final file,
+    or with `--keep_best` the best step's file (copied under the name, which `<hypernet:>` asks for)."""
+    from tinv_lib.hypernetworks.files import load_hypernetwork
+
+    final = run_folder / f"{style.name}.pt"
+    steps_run = load_hypernetwork(final).step
+    if not keep_best:
+        return run_folder, steps_run, steps_run
+    best_folder = run_folder.parent / "best"
+    best_folder.mkdir(exist_ok=True)
+    shutil.copyfile(run_folder / f"{style.name}-best.pt", best_folder / final.name)
+    return best_folder, load_hypernetwork(best_folder / final.name).step, steps_run
 
 
 def judged_prompts(style: Style, count: int = 64, seed: int = 0) -> list[quality.Case]:
@@ -154,6 +172,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--guidance_scale", type=float, default=quality.DEFAULT_GUIDANCE)
     parser.add_argument("--train_steps", type=int, default=None,
                         help="override the recipe's training steps (only --quick does; not the README recipe)")
+    parser.add_argument("--train_flags", default="",
+                        help='extra training flags, e.g. "--early_stopping dvar --keep_best" (they win; with '
+                             '--keep_best the best step\'s file is judged)')
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true",
                         help="2 styles, 2 training steps, 2 prompts, 4 sampling steps (plumbing only)")
@@ -181,6 +202,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, dict]:
     log(f"model {args.model}, {args.num_prompts} prompts, {args.steps} steps, CFG {args.guidance_scale}, "
         f"seed {args.seed}, {torch.get_num_threads()} threads"
         + (f", {args.train_steps} training steps (not the README recipe)" if args.train_steps else ""))
+    extra_flags = shlex.split(args.train_flags)
     suite: dict[str, dict] = {}
     rows = []
     for name in args.styles:
@@ -189,13 +211,15 @@ def run(args: argparse.Namespace, log=print) -> dict[str, dict]:
         shutil.rmtree(work, ignore_errors=True)
         data = style.write(work / "data")
         folder, seconds = quality.train_style(args.model, work / "hypernetwork",
-                                              training_flags(style, data, args.train_steps))
+                                              training_flags(style, data, args.train_steps, extra_flags))
+        folder, judged_step, steps_run = judged_file(style, folder, "--keep_best" in extra_flags)
         measured = measure(pipe, judge, style, folder, args.num_prompts, args.seed, **sampling)
         suite[name] = {"style": style, "train_seconds": seconds, "measured": measured,
+                       "judged_step": judged_step, "steps_run": steps_run,
                        "passes": verdicts(measured), "per_value": per_value(style, measured[1.0], args.num_prompts,
                                                                             args.seed)}
         rows.append(row(style, measured, seconds))
-        log(f"{name}: trained in {seconds:.0f}s; at 1 the judge saw {style.attribute} "
+        log(f"{name}: trained in {seconds:.0f}s, {steps_run} steps, judged step {judged_step}; at 1 the judge saw {style.attribute} "
             f"{measured[1.0]['seen'][style.attribute]}")
     passed = sum(all(entry["passes"].values()) for entry in suite.values())
     log("")
@@ -220,7 +244,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, dict]:
         args.json.write_text(json.dumps(
             {"settings": {"num_prompts": args.num_prompts, "seed": args.seed, "steps": args.steps,
                           "guidance_scale": args.guidance_scale, "train_steps": args.train_steps,
-                          "flags": list(quality.STYLE_TRAINING_FLAGS)},
+                          "flags": [*quality.STYLE_TRAINING_FLAGS, *extra_flags]},
              "passed": passed,
              "styles": {name: _jsonable(entry) for name, entry in suite.items()}}, indent=1), encoding="utf-8")
     return suite
@@ -230,7 +254,8 @@ def _jsonable(entry: dict) -> dict:
     style, measured = entry["style"], entry["measured"]
     return {
         "attribute": style.attribute, "shift": dict(style.shift), "guard": style.guard,
-        "train_seconds": round(entry["train_seconds"], 1), "passes": entry["passes"], "per_value": entry["per_value"],
+        "train_seconds": round(entry["train_seconds"], 1), "judged_step": entry["judged_step"],
+        "steps_run": entry["steps_run"], "passes": entry["passes"], "per_value": entry["per_value"],
         "multiplier_1": quality._jsonable(measured[1.0]), "multiplier_0": quality._jsonable(measured[0.0]),
         "guard_1": quality._jsonable(measured["on_prompt"][1.0]), "guard_0": quality._jsonable(measured["on_prompt"][0.0]),
         "asked_1": quality._jsonable(measured["asked"][1.0]), "asked_0": quality._jsonable(measured["asked"][0.0]),

@@ -15,6 +15,8 @@ concepts), and the median steps run (fewer than the recipe's with `--early_stopp
     python benchmarks/sweep_options.py                       # every variant, then the table
     python benchmarks/sweep_options.py --variants snr5 prodigy
     python benchmarks/sweep_options.py --table_only          # the table of what has been run
+    python benchmarks/sweep_options.py --model models/toy-xl --concepts toy-s05 toy-s06 toy-o06 toy-o07 toy-o08 \
+        --work_dir output/sweep-xl-report --variants recipe keep_best      # another model or half
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ VARIANTS = {
     # and the best step by that loss every 50 steps
     "dvar": "--early_stopping dvar --validation_loss_steps 10",
     "keep_best": "--keep_best --validation_loss_steps 50",
+    # issue 35, point 4: runs meant to override their prompts (to validate the "overrides" warning)
+    "override_lr02": "--learning_rate 0.02",
+    "override_lr05": "--learning_rate 0.05",
+    "override_v16": "--num_vectors 16 --learning_rate 0.02",
 }
 # Caption dropout needs captions: these variants caption each object concept's images with its
 # background (`concepts.py --captions`), and compare with and without dropping them. Their
@@ -63,12 +69,12 @@ VARIANTS = {
 CAPTIONED = {"captions", "captions_drop01", "captions_drop03"}
 
 
-def run_variant(name: str, work_dir: Path, workers: int) -> Path:
+def run_variant(name: str, work_dir: Path, workers: int, model: Path, names: list[str]) -> Path:
     """Run `concepts.py` for one variant unless its JSON exists; the JSON's path."""
     result = work_dir / f"{name}.json"
     if result.is_file():
         return result
-    command = [sys.executable, str(ROOT / "benchmarks" / "concepts.py"), "--concepts", *DRAWABLE_TUNING,
+    command = [sys.executable, str(ROOT / "benchmarks" / "concepts.py"), "--model", str(model), "--concepts", *names,
                "--workers", str(workers), "--spot_check", "0", "--eval_every", "200",
                "--work_dir", str(work_dir / name), "--json", str(result)]
     if VARIANTS[name]:
@@ -116,12 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--work_dir", type=Path, default=ROOT / "output" / "sweep")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "toy", help="toy model folder (with judge/)")
+    parser.add_argument("--concepts", nargs="+", default=DRAWABLE_TUNING,
+                        help="suite concepts to train (default: the tuning half's drawable ones on models/toy)")
     parser.add_argument("--table_only", action="store_true", help="run nothing: the table of the finished variants")
     args = parser.parse_args(argv)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
         for name in args.variants:
-            run_variant(name, args.work_dir, args.workers)
+            run_variant(name, args.work_dir, args.workers, args.model, args.concepts)
             print(f"{name}: done", flush=True)
     print(table(args.work_dir, args.variants))
     return 0

@@ -8,6 +8,7 @@ from collections import Counter
 
 import numpy as np
 
+from tinv_lib.hypernetworks.files import load_hypernetwork
 from toy_world import world
 from toy_world.data import read_example_scenes
 from toy_world.examples import (
@@ -105,7 +106,8 @@ def test_quick_suite_runs_end_to_end_and_multiplier_0_is_the_plain_prompt(tmp_pa
 
     lines: list[str] = []
     args = styles.parse_args(["--quick", "--threads", "1", "--work_dir", str(tmp_path / "work"),
-                              "--json", str(tmp_path / "styles.json"), "--save_grids", str(tmp_path / "grids")])
+                              "--json", str(tmp_path / "styles.json"), "--save_grids", str(tmp_path / "grids"),
+                              "--train_flags", "--keep_best --validation_loss_steps 1"])
     suite = styles.run(args, log=lines.append)
     names = [s.name for s in STYLES[:2]]
     assert list(suite) == names and (args.num_prompts, args.steps, args.train_steps) == (2, 4, 2)
@@ -118,6 +120,11 @@ def test_quick_suite_runs_end_to_end_and_multiplier_0_is_the_plain_prompt(tmp_pa
         assert set(entry["passes"]) == {"multiplier_1", "multiplier_0", "on_prompt"}
         assert entry["multiplier_1"]["n"] == entry["multiplier_0"]["n"] == 2
         assert (tmp_path / "grids" / f"{name}_1.png").is_file() and (tmp_path / "grids" / f"{name}_0.png").is_file()
+        # --keep_best: the judged file is the best step's, byte for byte, under the style's name
+        best = tmp_path / "work" / name / "hypernetwork" / f"{name}-best.pt"
+        judged = tmp_path / "work" / name / "best" / f"{name}.pt"
+        assert judged.read_bytes() == best.read_bytes() and entry["steps_run"] == 2
+        assert entry["judged_step"] == load_hypernetwork(best).step in (1, 2)
         assert len(list((tmp_path / "work" / name / "data").glob("*.png"))) == 64
         assert (tmp_path / "work" / name / "hypernetwork" / f"{name}.pt").is_file()
 
