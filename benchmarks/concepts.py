@@ -229,19 +229,29 @@ def train(concept: Concept, model: Path, data: Path, output_dir: Path, extra_fla
 
 
 def _rate(result: dict) -> dict:
-    """The part of a `run_cases` result worth keeping: match rate and per attribute."""
-    return {"match": result["match"], "per_attribute": result["per_attribute"], "seen": result["seen"]}
+    """The part of a `run_cases` result worth keeping: match rate, per attribute and per image (in
+    case order, so an edit can be compared with the same prompt and seed drawn from words)."""
+    return {"match": result["match"], "per_attribute": result["per_attribute"], "seen": result["seen"],
+            "matches": [bool(m) for m in result["matches"]]}
+
+
+def load_trained(file: Path, name: str):
+    """A trained file as the embedding `name`: the prompts ask for the concept's name, whatever the
+    file is called (`--keep_best` writes `<name>-best.safetensors`, whose own name has the suffix)."""
+    from tinv_lib.embeddings.formats import load_embedding
+
+    embedding = load_embedding(file)
+    embedding.name = name
+    return embedding
 
 
 def time_to_concept(concept: Concept, pipe, judge, training: Training, count: int, sampling: dict) -> dict:
     """Judge intermediate embeddings in step order; the first to reach `PASS` gives the time."""
-    from tinv_lib.embeddings.formats import load_embedding
 
     cases = reconstruction_cases(concept, concept.name, count)
     curve = {}
     for step in sorted(training.intermediate):
-        embedding = load_embedding(training.intermediate[step])
-        embedding.name = concept.name
+        embedding = load_trained(training.intermediate[step], concept.name)
         generate = quality.tinv_generator(pipe, embeddings={concept.name: embedding}, **sampling)
         curve[step] = quality.run_cases(generate, cases, judge)["match"]
         if curve[step] >= PASS:
@@ -289,7 +299,6 @@ def measure_concept(concept: Concept, options: dict) -> dict:
     """Everything the suite knows about one concept: from words, untrained, trained, time, spot check."""
     from tinv_lib.embeddings.create import create_embedding
     from tinv_lib.embeddings.diagnostics import diagnose_embedding, vocabularies_of, warnings_for
-    from tinv_lib.embeddings.formats import load_embedding
     from tinv_lib.models.family import family_of
     from toy_world.judge import load_judge
     from toy_world.pipeline import load_toy_pipeline
@@ -300,7 +309,7 @@ def measure_concept(concept: Concept, options: dict) -> dict:
     folder = options["work_dir"] / concept.name
     data = write_data(concept, folder / "data", options["masks"], options["captions"])
     training = train(concept, model, data, folder / "run", options["train_flags"], options["eval_every"])
-    trained = load_embedding(training.final)
+    trained = load_trained(training.final, concept.name)
     family = family_of(pipe)
     untrained = create_embedding(concept.name, family, concept.init_text, trained.vector_count)
 
@@ -349,6 +358,20 @@ def verdicts(report: dict) -> dict[str, bool]:
     return {"drawable": report["words"]["reconstruction"]["match"] >= PASS,
             "captured": report["trained"]["reconstruction"]["match"] >= PASS,
             "editable": report["trained"]["edit"]["match"] >= PASS}
+
+
+def drawable_edits(report: dict) -> tuple[int, int] | None:
+    """The trained embedding's edits counted only on edit prompts the model draws from words (the
+    same prompt with the concept in words matches in at least `PASS` of its seeds): (matches, images).
+    None for a report without per-image matches (suite JSONs written before they were kept)."""
+    words, trained = report["words"]["edit"].get("matches"), report["trained"]["edit"].get("matches")
+    if words is None or trained is None:
+        return None
+    phrases = [phrase for phrase, _ in Concept(**report["concept"]).edits(len(words))]
+    drawable = {p for p in set(phrases)
+                if statistics.mean(w for w, q in zip(words, phrases) if q == p) >= PASS}
+    chosen = [t for t, p in zip(trained, phrases) if p in drawable]
+    return sum(chosen), len(chosen)
 
 
 def summarize(reports: Sequence[dict]) -> dict:

@@ -28,6 +28,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+if __name__ == "__main__":  # as a script: set up before torch loads (benchmarks/_setup.py says why)
+    import _setup
+
+    _setup.prepare_script(HF_HUB_OFFLINE="1")
+
+from benchmarks import concepts  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DRAWABLE_TUNING = ["toy-s01", "toy-s04", "toy-o01", "toy-o02", "toy-o03", "toy-o04"]
 
@@ -97,19 +104,23 @@ def row(name: str, data: dict) -> str:
     steps = [r["time_to_concept"]["step"] for r in reports if r["time_to_concept"]["step"] is not None]
     seconds = summary["median_cpu_seconds_to_concept"]
     runs = [r["steps_run"] for r in reports if "steps_run" in r]  # JSONs from before issue 35 lack it
+    counted = [concepts.drawable_edits(r) for r in reports if r["concept"]["kind"] == "scene"]
+    drawable_scene_edits = ("-" if not counted or None in counted
+                            else f"{sum(c[0] for c in counted)}/{sum(c[1] for c in counted)}")
     flags = f"`{VARIANTS[name]}`" if VARIANTS[name] else "README recipe"
     if name in CAPTIONED:
         flags += ", object images captioned with their background"
     return (f"| {flags} | {summary['captured']}/{summary['drawable']} | {summary['objects_editable']}/{summary['objects']} "
             f"| {f'{statistics.median(steps):.0f}' if steps else '-'} | {'-' if seconds is None else f'{seconds:.0f}'} "
-            f"| {reconstruction:.0%} | {edits['scene']:.0%} | {edits['object']:.0%} | {norm:.1f} "
+            f"| {reconstruction:.0%} | {edits['scene']:.0%} | {drawable_scene_edits} | {edits['object']:.0%} | {norm:.1f} "
             f"| {f'{statistics.median(runs):.0f}' if runs else '-'} |")
 
 
 def table(work_dir: Path, names: list[str]) -> str:
     lines = ["| variant | captured | objects editable | median steps to concept | median CPU-s to concept "
-             "| mean reconstruction | mean edit, scenes | mean edit, objects | norm × median | median steps run |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| mean reconstruction | mean edit, scenes | scene edits the model draws from words "
+             "| mean edit, objects | norm × median | median steps run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         path = work_dir / f"{name}.json"
         if path.is_file():

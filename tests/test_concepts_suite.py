@@ -4,8 +4,11 @@ training, tinv's generation and diffusers' `load_textual_inversion` (the numbers
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
+
+import numpy as np
 
 from benchmarks import concepts, quality
 from toy_world import world
@@ -122,3 +125,36 @@ def test_quick_suite_trains_judges_and_spot_checks_through_diffusers(tmp_path, c
         concept = next(c for c in concepts.CONCEPTS if c.name == name)
         assert read_example_scenes(data) == concept.scenes() and len(list(data.glob("*-masklabel.png"))) == 8
         assert (tmp_path / "grids" / name / "trained-edit.png").is_file()
+
+
+def test_best_file_is_judged_under_the_concepts_name(tmp_path):
+    """`--keep_best` writes `<name>-best.safetensors`: judged as `<name>`, it draws what the same
+    vectors draw as `<name>.pt` (read under the file's own name, the prompt would not find it)."""
+    from tinv_lib.embeddings.create import create_embedding
+    from tinv_lib.embeddings.formats import save_embedding
+    from tinv_lib.models.family import family_of
+    from toy_world.pipeline import load_toy_pipeline
+
+    pipe = load_toy_pipeline(quality.DEFAULT_MODEL_DIR)
+    embedding = create_embedding("toy-o01", family_of(pipe), "red triangle", 2)
+    save_embedding(embedding, tmp_path / "toy-o01.pt")
+    save_embedding(embedding, tmp_path / "toy-o01-best.safetensors")
+    best, final = (concepts.load_trained(tmp_path / f, "toy-o01") for f in ("toy-o01-best.safetensors", "toy-o01.pt"))
+    assert best.name == "toy-o01"
+    draw = lambda e: quality.tinv_generator(pipe, embeddings={"toy-o01": e}, steps=4)(["a photo of toy-o01"], [1])  # noqa: E731
+    plain = quality.tinv_generator(pipe, steps=4)(["a photo of toy-o01"], [1])
+    assert np.array_equal(np.asarray(draw(best)[0]), np.asarray(draw(final)[0]))
+    assert not np.array_equal(np.asarray(draw(best)[0]), np.asarray(plain[0]))
+
+
+def test_edits_count_only_where_the_words_draw_the_edit():
+    concept = next(c for c in concepts.CONCEPTS if c.name == "toy-s01")
+    phrases = [phrase for phrase, _ in concept.edits(8)]
+    first = [p == phrases[0] for p in phrases]  # the first edit prompt's seeds
+    words = [not f for f in first]  # the model draws every edit prompt but the first
+    trained = [True] * 8
+    report = {"concept": dataclasses.asdict(concept), "words": {"edit": {"matches": words}},
+              "trained": {"edit": {"matches": trained}}}
+    assert concepts.drawable_edits(report) == (8 - sum(first), 8 - sum(first)) and 0 < sum(first) < 8
+    del report["trained"]["edit"]["matches"]
+    assert concepts.drawable_edits(report) is None
