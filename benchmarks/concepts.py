@@ -169,6 +169,15 @@ def edit_cases(concept: Concept, subject: str, count: int) -> list[quality.Case]
             for seed, (phrase, target) in zip(seeds, concept.edits(count))]
 
 
+def words_edit_cases(concept: Concept, count: int) -> list[quality.Case]:
+    """The edits drawn from words: each edit's target in the model's own words, same seeds and
+    targets as `edit_cases`. For an object this is `edit_cases` with the concept in words; for a
+    scene the asked background replaces the concept's (the concept's words already name one, and
+    a prompt with two backgrounds is not what the edit asks)."""
+    return [quality.Case(f"a photo of {world.prompt_for(**case.target)}", case.seed, case.target)
+            for case in edit_cases(concept, "", count)]
+
+
 # ---------------------------------------------------------------- training
 
 
@@ -313,12 +322,13 @@ def measure_concept(concept: Concept, options: dict) -> dict:
     family = family_of(pipe)
     untrained = create_embedding(concept.name, family, concept.init_text, trained.vector_count)
 
-    def judged(subject: str, embedding=None) -> dict:
+    def judged(subject: str, embedding=None, edits: list[quality.Case] | None = None) -> dict:
         generate = quality.tinv_generator(pipe, embeddings={concept.name: embedding} if embedding else None, **sampling)
         return {"reconstruction": quality.run_cases(generate, reconstruction_cases(concept, subject, count), judge),
-                "edit": quality.run_cases(generate, edit_cases(concept, subject, count), judge)}
+                "edit": quality.run_cases(generate, edits or edit_cases(concept, subject, count), judge)}
 
-    results = {"words": judged(concept.words()), "untrained": judged(concept.name, untrained),
+    results = {"words": judged(concept.words(), edits=words_edit_cases(concept, count)),
+               "untrained": judged(concept.name, untrained),
                "trained": judged(concept.name, trained)}
     spot = options["spot_check"]
     vocabularies = vocabularies_of(family)

@@ -74,6 +74,12 @@ def test_cases_ask_for_the_concept_and_edits_change_only_what_it_leaves_free():
             assert {b for b, _ in asked} == set(world.BACKGROUNDS) - {concept.background, "dotted"}
         else:
             assert asked == set(concepts.OBJECT_EDITS)
+        # from words: the edit's target in words, one background (an object's prompt is unchanged)
+        words = concepts.words_edit_cases(concept, count)
+        assert [(c.seed, c.target) for c in words] == [(c.seed, c.target) for c in edits]
+        assert all(c.prompt.count(" background") == 1 for c in words)
+        if concept.kind == "object":
+            assert [c.prompt for c in words] == [c.prompt for c in concepts.edit_cases(concept, concept.words(), count)]
             assert {b for b, _ in asked} == set(world.BACKGROUNDS) - {"dotted"}
 
 
