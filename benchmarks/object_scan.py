@@ -12,6 +12,7 @@ and the longest vector's norm over the vocabulary's median, worst first.
 
     python benchmarks/object_scan.py --json output/object_scan/scan.json     # ~30 min on 2 cores
     python benchmarks/object_scan.py --pairs triangle:red ring:blue --num_seeds 32
+    python benchmarks/object_scan.py --pairs ring:blue --captions --train_flags "--template_file subject_filewords"
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def measure_pair(pair: tuple[str, str], options: dict) -> dict:
     if report["words"]["match"] < concepts.PASS:
         return report
     folder = options["work_dir"] / concept.name
-    data = concepts.write_data(concept, folder / "data", masks=False)
+    data = concepts.write_data(concept, folder / "data", masks=False, captions=options["captions"])
     training = concepts.train(concept, model, data, folder / "run", options["train_flags"], options["save_every"])
     trained = load_embedding(training.final)
     report["trained"] = _judged(pipe, judge, concept, concept.name, count, sampling, trained)
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", nargs="+", type=parse_pair, help="only these SHAPE:COLOUR pairs (default: every one)")
     parser.add_argument("--num_seeds", type=int, default=8, help="images per measurement (a cheap first pass)")
     parser.add_argument("--train_flags", default="", help="extra training flags (they win over the recipe's)")
+    parser.add_argument("--captions", action="store_true",
+                        help="caption each image with its background (train with --template_file subject_filewords)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--work_dir", type=Path, default=Path("output/object_scan"))
     parser.add_argument("--json", type=Path, default=None)
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = args.pairs or list(itertools.product(world.SHAPES, world.COLOURS))
     options = {"model": args.model.resolve(), "num_seeds": args.num_seeds, "work_dir": args.work_dir.resolve(),
                "sampling": {"steps": quality.DEFAULT_STEPS, "guidance_scale": quality.DEFAULT_GUIDANCE},
-               "train_flags": shlex.split(args.train_flags), "save_every": 1000, "threads": 1 if args.workers > 1 else 2}
+               "train_flags": shlex.split(args.train_flags), "captions": args.captions, "save_every": 1000, "threads": 1 if args.workers > 1 else 2}
     started = time.perf_counter()
     with ProcessPoolExecutor(args.workers) as pool:
         reports = list(pool.map(measure_pair, pairs, [options] * len(pairs)))
