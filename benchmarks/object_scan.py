@@ -111,8 +111,11 @@ def main(argv: list[str] | None = None) -> int:
                "sampling": {"steps": quality.DEFAULT_STEPS, "guidance_scale": quality.DEFAULT_GUIDANCE},
                "train_flags": shlex.split(args.train_flags), "captions": args.captions, "save_every": 1000, "threads": 1 if args.workers > 1 else 2}
     started = time.perf_counter()
-    with ProcessPoolExecutor(args.workers) as pool:
-        reports = list(pool.map(measure_pair, pairs, [options] * len(pairs)))
+    if args.workers > 1:
+        with ProcessPoolExecutor(args.workers) as pool:
+            reports = list(pool.map(measure_pair, pairs, [options] * len(pairs)))
+    else:
+        reports = [measure_pair(pair, options) for pair in pairs]
     print(format_table(reports))
     print(f"({time.perf_counter() - started:.0f} s in all)")
     if args.json:

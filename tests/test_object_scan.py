@@ -15,7 +15,7 @@ from benchmarks import object_scan
 def test_scan_trains_only_what_the_words_draw(tmp_path, capsys):
     out = tmp_path / "scan.json"
     assert object_scan.main(["--pairs", "square:pink", "triangle:red", "--num_seeds", "2", "--train_flags",
-                             "--max_train_steps 2", "--work_dir", str(tmp_path / "work"), "--json", str(out)]) == 0
+                             "--max_train_steps 2", "--workers", "1", "--work_dir", str(tmp_path / "work"), "--json", str(out)]) == 0
     reports = {r["concept"]: r for r in json.loads(out.read_text())["pairs"]}
     drawn, missed = reports["scan-pink-square"], reports["scan-red-triangle"]
     assert drawn["words"]["match"] >= 0.75 > missed["words"]["match"]  # 2 seeds: 1 of 2 triangles
