@@ -44,14 +44,12 @@ def scan_concept(shape: str, colour: str) -> concepts.Concept:
 
 def _judged(pipe, judge, concept: concepts.Concept, subject: str, count: int, sampling: dict, embedding=None) -> dict:
     generate = quality.tinv_generator(pipe, embeddings={concept.name: embedding} if embedding else None, **sampling)
-    result = quality.run_cases(generate, concepts.reconstruction_cases(concept, subject, count), judge)
-    return {"match": result["match"], "per_attribute": result["per_attribute"], "seen": result["seen"]}
+    return concepts._rate(quality.run_cases(generate, concepts.reconstruction_cases(concept, subject, count), judge))
 
 
 def measure_pair(pair: tuple[str, str], options: dict) -> dict:
     """Words first; training and the trained embedding only for a pair the model draws from words."""
     from tinv_lib.embeddings.diagnostics import diagnose_embedding, vocabularies_of
-    from tinv_lib.embeddings.formats import load_embedding
     from tinv_lib.models.family import family_of
     from toy_world.judge import load_judge
     from toy_world.pipeline import load_toy_pipeline
@@ -66,7 +64,7 @@ def measure_pair(pair: tuple[str, str], options: dict) -> dict:
     folder = options["work_dir"] / concept.name
     data = concepts.write_data(concept, folder / "data", masks=False, captions=options["captions"])
     training = concepts.train(concept, model, data, folder / "run", options["train_flags"], options["save_every"])
-    trained = load_embedding(training.final)
+    trained = concepts.load_trained(training.final, concept.name)
     report["trained"] = _judged(pipe, judge, concept, concept.name, count, sampling, trained)
     diagnosis = diagnose_embedding(trained.vectors, vocabularies_of(family_of(pipe)))
     report["norm_ratio"] = max(d.norm_ratio for d in diagnosis)

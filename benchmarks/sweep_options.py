@@ -71,7 +71,6 @@ VARIANTS = {
     "direction_init_500": "--norm_mode direction --norm_target init --max_train_steps 500",
     "direction_init_500_t200": "--norm_mode direction --norm_target init --max_train_steps 500 --min_timestep 200",
     # issue 35, point 4: runs meant to override their prompts (to validate the "overrides" warning)
-    "override_lr02": "--learning_rate 0.02",
     "override_lr05": "--learning_rate 0.05",
     "override_v16": "--num_vectors 16 --learning_rate 0.02",
 }

@@ -10,6 +10,7 @@ import json
 import pytest
 
 from benchmarks import object_scan
+from tinv_lib.embeddings.formats import load_embedding
 
 
 def test_scan_trains_only_what_the_words_draw(tmp_path, capsys):
@@ -21,7 +22,8 @@ def test_scan_trains_only_what_the_words_draw(tmp_path, capsys):
     assert drawn["words"]["match"] >= 0.75 > missed["words"]["match"]  # 2 seeds: 1 of 2 triangles
     assert "trained" not in missed and not (tmp_path / "work" / "scan-red-triangle").exists()
     assert drawn["trained"]["seen"]["colour"] and drawn["norm_ratio"] > 0
-    assert (tmp_path / "work" / "scan-pink-square" / "run" / "scan-pink-square.pt").is_file()
+    trained = load_embedding(tmp_path / "work" / "scan-pink-square" / "run" / "scan-pink-square.pt")
+    assert trained.step == 2 and drawn["embedding"].endswith("scan-pink-square.pt")
     printed = capsys.readouterr().out
     assert "| pink square |" in printed and "1 of 2 pairs drawn from words" in printed
 
