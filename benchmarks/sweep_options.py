@@ -1,7 +1,9 @@
 """Which kohya / OneTrainer options help textual inversion? Each one against the README recipe,
 on the concept suite's tuning half.
 
-Every variant adds its flags to the recipe (`quality.CONCEPT_TRAINING_FLAGS`) and runs
+Every variant adds its flags to the recipe (`quality.CONCEPT_TRAINING_FLAGS`; the variants
+measured against the recipe before issue 35 halved its steps and made direction-only training the
+default carry that recipe's flags, `BEFORE_35`) and runs
 `concepts.py` on the tuning half's concepts that the model draws from words (the others measure
 the model, not training), with the same seeds, judge and sampling. A variant's results are kept
 in `<work_dir>/<variant>.json` and not run again, so a sweep stopped half-way goes on where it
@@ -38,41 +40,46 @@ from benchmarks import concepts  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DRAWABLE_TUNING = ["toy-s01", "toy-s04", "toy-o01", "toy-o02", "toy-o03", "toy-o04"]
 
+# The recipe before issue 35 made direction-only training at the init norm the default and
+# halved its steps: the variants measured against that recipe (docs/training.md) carry its flags.
+BEFORE_35 = "--norm_mode none --max_train_steps 1000"
+
 # name -> extra training flags (the recipe's own flags are the baseline's)
 VARIANTS = {
     "recipe": "",
-    "snr5": "--snr_gamma 5",
-    "snr1": "--snr_gamma 1",
-    "offset005": "--noise_offset 0.05",
-    "offset01": "--noise_offset 0.1",
-    "prodigy": "--optimizer prodigy --learning_rate 1",
-    "adafactor": "--optimizer adafactor",
-    "schedulefree": "--optimizer schedulefree_adamw",
-    "adamw8bit": "--optimizer adamw8bit",
-    "ema099": "--ema_decay 0.99 --save_ema",
-    "ema0999": "--ema_decay 0.999 --save_ema",
-    "t_min200": "--min_timestep 200",
-    "t_max800": "--max_timestep 800",
-    "captions": "--template_file subject_filewords",
-    "captions_drop01": "--template_file subject_filewords --caption_dropout 0.1",
-    "captions_drop03": "--template_file subject_filewords --caption_dropout 0.3",
+    "recipe_before_35": BEFORE_35,
+    "snr5": f"{BEFORE_35} --snr_gamma 5",
+    "snr1": f"{BEFORE_35} --snr_gamma 1",
+    "offset005": f"{BEFORE_35} --noise_offset 0.05",
+    "offset01": f"{BEFORE_35} --noise_offset 0.1",
+    "prodigy": f"{BEFORE_35} --optimizer prodigy --learning_rate 1",
+    "adafactor": f"{BEFORE_35} --optimizer adafactor",
+    "schedulefree": f"{BEFORE_35} --optimizer schedulefree_adamw",
+    "adamw8bit": f"{BEFORE_35} --optimizer adamw8bit",
+    "ema099": f"{BEFORE_35} --ema_decay 0.99 --save_ema",
+    "ema0999": f"{BEFORE_35} --ema_decay 0.999 --save_ema",
+    "t_min200": f"{BEFORE_35} --min_timestep 200",
+    "t_max800": f"{BEFORE_35} --max_timestep 800",
+    "captions": f"{BEFORE_35} --template_file subject_filewords",
+    "captions_drop01": f"{BEFORE_35} --template_file subject_filewords --caption_dropout 0.1",
+    "captions_drop03": f"{BEFORE_35} --template_file subject_filewords --caption_dropout 0.3",
     # issue 35: norm control (docs/training.md, "Norm control, early stopping and the best step")
-    "norm_preserve": "--norm_mode preserve",
-    "norm_direction": "--norm_mode direction",
-    "norm_direction_init": "--norm_mode direction --norm_target init",
-    "norm_preserve_x3": "--norm_mode preserve --norm_target 3",
+    "norm_preserve": f"{BEFORE_35} --norm_mode preserve --norm_target vocab_median",
+    "norm_direction": f"{BEFORE_35} --norm_mode direction --norm_target vocab_median",
+    "norm_direction_init": "--max_train_steps 1000 --norm_mode direction --norm_target init",
+    "norm_preserve_x3": "--max_train_steps 1000 --norm_mode preserve --norm_target 3",
     # issue 35: DVAR on the training images' fixed-batch loss every 10 steps (20 in a 200-step window),
     # and the best step by that loss every 50 steps
-    "dvar": "--early_stopping dvar --validation_loss_steps 10",
-    "keep_best": "--keep_best --validation_loss_steps 50",
+    "dvar": f"{BEFORE_35} --early_stopping dvar --validation_loss_steps 10",
+    "keep_best": f"{BEFORE_35} --keep_best --validation_loss_steps 50",
     # issue 35: half the steps at twice the rate (the recipe's slowest concept, toy-s01, is captured
     # at step 600-800 of 1000; the rest by step 200)
-    "half_steps": "--max_train_steps 500 --learning_rate 0.01",
+    "half_steps": "--norm_mode none --max_train_steps 500 --learning_rate 0.01",
     "direction_init_500": "--norm_mode direction --norm_target init --max_train_steps 500",
     "direction_init_500_t200": "--norm_mode direction --norm_target init --max_train_steps 500 --min_timestep 200",
     # issue 35, point 4: runs meant to override their prompts (to validate the "overrides" warning)
-    "override_lr05": "--learning_rate 0.05",
-    "override_v16": "--num_vectors 16 --learning_rate 0.02",
+    "override_lr05": f"{BEFORE_35} --learning_rate 0.05",
+    "override_v16": f"{BEFORE_35} --num_vectors 16 --learning_rate 0.02",
 }
 # Caption dropout needs captions: these variants caption each object concept's images with its
 # background (`concepts.py --captions`), and compare with and without dropping them. Their

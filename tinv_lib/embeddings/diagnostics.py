@@ -225,7 +225,8 @@ def warnings_for(name: str, records: Sequence[VectorDiagnosis]) -> list[str]:
         lines.append(f"warning: {name} may override prompts: {len(over)} of {len(records)} vectors are longer than "
                      f"{OVERRIDE_NORM_RATIO:g}x the vocabulary's median norm (longest {worst.key}[{worst.index}]: norm "
                      f"{worst.norm:.4g}, {worst.norm_ratio:.1f}x the median, percentile {worst.norm_percentile:.1f}); "
-                     "try fewer steps, a lower learning rate, fewer vectors or --norm_mode direction --norm_target init")
+                     "try fewer steps, a lower learning rate, fewer vectors or direction-only training (--norm_mode "
+                     "direction, tinv's default on init text)")
     return lines
 
 

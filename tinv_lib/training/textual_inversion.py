@@ -61,13 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "--learning_rate times its vocabulary's median norm over the first encoder's (T5's "
                             "numbers are some 60x CLIP's); none: one rate for all; auto (default): vocab_norm on "
                             "models with T5 (FLUX.1, SD3), none on the others (measured: docs/training.md)")
-    group.add_argument("--norm_mode", choices=NORM_MODES, default="none",
-                       help="hold each vector's norm at --norm_target: preserve (rescale after every step) or "
-                            "direction (learn only the direction: tangent gradient, then renormalise); not yet "
-                            "measured, see docs/training.md")
+    group.add_argument("--norm_mode", choices=("auto", *NORM_MODES), default="auto",
+                       help="hold each vector's norm at --norm_target: direction (learn only the direction: tangent "
+                            "gradient, then renormalise), preserve (rescale after every step) or none; auto "
+                            "(default): direction, or none where it cannot hold (zero init vectors, --save_ema, "
+                            "schedule-free, a checkpoint trained without it) (measured: docs/training.md)")
     group.add_argument("--norm_target", type=parse_norm_target, default=None,
-                       help="with --norm_mode: vocab_median (default: the median norm of the encoder's vocabulary), "
-                            "init (each vector's norm at the start), or a number (times the vocabulary median)")
+                       help="with --norm_mode: init (default: each vector's norm at the start), vocab_median (the "
+                            "median norm of the encoder's vocabulary), or a number (times the vocabulary median)")
     add_training_arguments(parser, default_lr="0.005", default_template="subject_filewords", default_weight_decay=0.0)
     mark_required(parser, REQUIRED)
     return parser
@@ -103,11 +104,17 @@ def _check_embedding_flags(args: argparse.Namespace) -> None:
 
 def _check_norm_flags(args: argparse.Namespace) -> None:
     """`--norm_mode` needs vectors with a direction, and weights that stay on their sphere in the
-    saved files (a moving average or schedule-free's averaged weights leave it)."""
+    saved files (a moving average or schedule-free's averaged weights leave it). `auto` becomes
+    the mode the run will use, so the settings file and a resume see it."""
+    reason = None
+    if args.norm_mode == "auto":
+        args.norm_mode, reason = _auto_norm_mode(args)
+        if reason and args.norm_target is None:
+            print(f"notice: --norm_mode auto: no norm control, as {reason}", file=sys.stderr)
     if args.norm_mode == "none":
         if args.norm_target is not None:
             raise ArgumentError(f"--norm_target {args.norm_target} has no effect without --norm_mode preserve or "
-                                "direction")
+                                "direction" + (f" ({reason})" if reason else ""))
         return
     if args.initializer_token == "" and not args.resume_from_embedding:
         raise ArgumentError(f"--norm_mode {args.norm_mode}: --initializer_token \"\" starts from zero vectors, which "
@@ -116,6 +123,32 @@ def _check_norm_flags(args: argparse.Namespace) -> None:
         which = "--save_ema" if args.save_ema else "--optimizer schedulefree_adamw"
         raise ArgumentError(f"--norm_mode {args.norm_mode} with {which}: the saved weights would be an average of "
                             "the trained ones, off their target norm; leave one out")
+
+
+def _auto_norm_mode(args: argparse.Namespace) -> tuple[str, str | None]:
+    """`--norm_mode auto`: direction-only training (it captured every drawable concept of the
+    suite in half the steps, vectors 2-3x the vocabulary's median norm instead of 7-8x:
+    docs/training.md, "Measured on the concept suite"), unless something rules it out: then none,
+    and why. A checkpoint resumes with the mode it was trained with."""
+    from tinv_lib.training.checkpoints import read_state, resolve_checkpoint
+
+    checkpoint = (resolve_checkpoint(args.resume_from_checkpoint, Path(args.output_dir))
+                  if args.resume_from_checkpoint else None)
+    if checkpoint is not None:
+        saved = read_state(checkpoint).get("norm_control")
+        return (saved["mode"], None) if saved else ("none", f"{checkpoint.name} was trained without it")
+    if args.save_ema:
+        return "none", "--save_ema saves an average of the vectors, off their norm"
+    if args.optimizer == "schedulefree_adamw":
+        return "none", "schedule-free saves an average of the vectors, off their norm"
+    if args.resume_from_embedding:
+        vectors = load_embedding(args.resume_from_embedding).vectors
+        rows = torch.cat([v.float() for v in vectors.values()]) if isinstance(vectors, dict) else vectors.float()
+        if (torch.linalg.vector_norm(rows, dim=1) == 0).any():
+            return "none", f"{Path(args.resume_from_embedding).name} holds zero vectors, which have no direction"
+    elif args.initializer_token == "":
+        return "none", '--initializer_token "" starts from zero vectors, which have no direction'
+    return "direction", None
 
 
 def _check_flow_model_flags(args: argparse.Namespace) -> None:
@@ -211,7 +244,7 @@ class TextualInversionTask:
 
         self.vocabularies = vocabularies_of(self.family)
         medians = {key: vocabulary.median_norm for key, vocabulary in self.vocabularies.items()}
-        control = NormControl.build(args.norm_mode, args.norm_target or "vocab_median", self.vectors, medians)
+        control = NormControl.build(args.norm_mode, args.norm_target or "init", self.vectors, medians)
         if control.zero_vectors():
             key, row = control.zero_vectors()[0]
             raise TinvError(f"--norm_mode {args.norm_mode}: vector {row} ({key}) starts at zero and has no direction "
