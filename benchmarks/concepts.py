@@ -237,7 +237,7 @@ def train(concept: Concept, model: Path, data: Path, output_dir: Path, extra_fla
 # ---------------------------------------------------------------- measuring
 
 
-def _rate(result: dict) -> dict:
+def kept_result(result: dict) -> dict:
     """The part of a `run_cases` result worth keeping: match rate, per attribute and per image (in
     case order, so an edit can be compared with the same prompt and seed drawn from words)."""
     return {"match": result["match"], "per_attribute": result["per_attribute"], "seen": result["seen"],
@@ -335,7 +335,7 @@ def measure_concept(concept: Concept, options: dict) -> dict:
     diagnosis = diagnose_embedding(trained.vectors, vocabularies, untrained.vectors)
     report = {
         "concept": asdict(concept), "target": concept.target,
-        **{label: {kind: _rate(r) for kind, r in parts.items()} for label, parts in results.items()},
+        **{label: {kind: kept_result(r) for kind, r in parts.items()} for label, parts in results.items()},
         "time_to_concept": time_to_concept(concept, pipe, judge, training, count, sampling),
         "steps_run": max(training.cpu_seconds),  # below --max_train_steps when --early_stopping stopped the run
         "judged_step": trained.step,  # the final file's, or with --keep_best the best step's

@@ -44,7 +44,7 @@ def scan_concept(shape: str, colour: str) -> concepts.Concept:
 
 def _judged(pipe, judge, concept: concepts.Concept, subject: str, count: int, sampling: dict, embedding=None) -> dict:
     generate = quality.tinv_generator(pipe, embeddings={concept.name: embedding} if embedding else None, **sampling)
-    return concepts._rate(quality.run_cases(generate, concepts.reconstruction_cases(concept, subject, count), judge))
+    return concepts.kept_result(quality.run_cases(generate, concepts.reconstruction_cases(concept, subject, count), judge))
 
 
 def measure_pair(pair: tuple[str, str], options: dict) -> dict:

@@ -45,6 +45,12 @@ def parse_norm_target(text: str) -> str | float:
     return value
 
 
+def zero_vectors(vectors: dict[str, torch.Tensor]) -> list[tuple[str, int]]:
+    """(key, row) of each vector whose norm is 0 (it has no direction to keep or rescale)."""
+    return [(key, int(row)) for key, value in vectors.items()
+            for row in torch.nonzero(torch.linalg.vector_norm(value.detach().float(), dim=1) == 0).flatten()]
+
+
 class NormControl:
     """Holds every row of the trained `[num_vectors, width]` tensors at its target norm."""
 
@@ -68,9 +74,7 @@ class NormControl:
         return cls(mode, vectors, targets)
 
     def zero_vectors(self) -> list[tuple[str, int]]:
-        """(key, row) of each vector whose norm is 0 (it has no direction to keep or rescale)."""
-        return [(key, int(row)) for key, value in self.vectors.items()
-                for row in torch.nonzero(torch.linalg.vector_norm(value.detach(), dim=1) == 0).flatten()]
+        return zero_vectors(self.vectors)
 
     def project_gradients(self) -> None:
         """`direction`: remove each vector's gradient component along the vector (before clipping

@@ -29,7 +29,7 @@ from tinv_lib.training.arguments import (
     mark_required,
     parse_training_args,
 )
-from tinv_lib.training.norm_control import NORM_MODES, NormControl, parse_norm_target
+from tinv_lib.training.norm_control import NORM_MODES, NormControl, parse_norm_target, zero_vectors
 from tinv_lib.training.optimizers import sidecar_name
 from tinv_lib.training.preflight import require_file
 
@@ -143,8 +143,7 @@ def _auto_norm_mode(args: argparse.Namespace) -> tuple[str, str | None]:
         return "none", "schedule-free saves an average of the vectors, off their norm"
     if args.resume_from_embedding:
         vectors = load_embedding(args.resume_from_embedding).vectors
-        rows = torch.cat([v.float() for v in vectors.values()]) if isinstance(vectors, dict) else vectors.float()
-        if (torch.linalg.vector_norm(rows, dim=1) == 0).any():
+        if zero_vectors(vectors if isinstance(vectors, dict) else {"emb_params": vectors}):
             return "none", f"{Path(args.resume_from_embedding).name} holds zero vectors, which have no direction"
     elif args.initializer_token == "":
         return "none", '--initializer_token "" starts from zero vectors, which have no direction'
